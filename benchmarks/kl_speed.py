@@ -1,0 +1,682 @@
+"""Wall time of the Gaussian KL: numpyro-gkl against upstream NumPyro and peer libraries.
+
+Run from the repository root::
+
+    PYTHONPATH=. python benchmarks/kl_speed.py [--quick] [--dtype float32|float64] [--markdown]
+
+Every cell times KL(p‖q) for a batch of B guides p against a prior q that is either shared
+(q batch ``()``) or one per guide (q batch ``(B,)``), in two modes: ``fwd`` (the KL values) and
+``fwd+grad`` (the sum of the KL and its gradient with respect to p's parameters). JAX code runs
+under ``jax.jit`` (compiled and warmed up first, ``block_until_ready`` after every call); PyTorch
+runs eagerly with two threads and ``backward``-style gradients via ``torch.autograd.grad``.
+
+Implementations, one column each:
+
+- ``ours``: ``numpyro.distributions.kl.kl_divergence`` with numpyro-gkl registered, on the
+  distributions as given (``MultivariateNormal``, ``Independent(Normal)``,
+  ``LowRankMultivariateNormal``, ``Normal(0, 1).expand([K]).to_event(1)``);
+- ``upstream``: NumPyro's own ``MultivariateNormal``–``MultivariateNormal`` rule, captured before
+  registration. Upstream has no rule for the mixed pairs, so there both sides are first rewritten as
+  ``MultivariateNormal`` (what a user would have to do: a diagonal becomes a dense triangular
+  factor, a low-rank covariance is formed and factorized);
+- peers (skipped with a note when not installed): TFP on JAX (``MultivariateNormalTriL`` /
+  ``MultivariateNormalDiag`` / ``MultivariateNormalDiagPlusLowRankCovariance``), distrax
+  (``MultivariateNormalTri`` / ``MultivariateNormalDiag``; it has no covariance-low-rank class) and
+  PyTorch CPU (``MultivariateNormal`` / ``LowRankMultivariateNormal``; a diagonal is passed as a
+  diagonal ``scale_tril`` since PyTorch has no ``Independent``–``MultivariateNormal`` rule).
+
+Each timing is the median over rounds; a round calls every implementation of the cell in turn
+(several calls each for fast ones, averaged), so machine noise hits all columns alike. Ratios
+``upstream/ours`` and ``best peer/ours`` above 1 mean ours is faster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from _common import machine_line, render_table
+
+# K -> batch B, so that the input of a cell is a few MB.
+FULL_GRID = {2: 100_000, 8: 10_000, 32: 1_000, 128: 100, 512: 4, 2048: 1}
+QUICK_GRID = {2: 100_000, 32: 1_000, 512: 4}
+STRUCTURE_SIZES_FULL = {128: 100, 2048: 1}
+STRUCTURE_SIZES_QUICK = {128: 100}
+LOW_RANK = 8
+MODES = ("fwd", "fwd+grad")
+PEERS = ("TFP", "distrax", "torch")
+IMPLS = ("ours", "upstream", *PEERS)
+
+
+# --------------------------------------------------------------------------------------------
+# Cells and their inputs
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One benchmark configuration.
+
+    ``p_kind`` is ``full``, ``diag`` or ``lowrank``; ``q_kind`` is ``full``, ``std`` (the
+    standard normal prior ``Normal(0, 1).expand([K]).to_event(1)``, always shared) or ``stdvec``
+    (the same prior as ``Normal(zeros(K), ones(K)).to_event(1)``; it differs for ours only).
+    """
+
+    p_kind: str
+    q_kind: str
+    k: int
+    batch: int
+    q_shared: bool
+    mode: str
+
+    @property
+    def pair(self) -> str:
+        names = {
+            "full": "full",
+            "diag": "diag",
+            "lowrank": f"lowrank(r={LOW_RANK})",
+            "std": "N(0,1).expand([K])",
+            "stdvec": "N(0_K,1_K)",
+        }
+        return f"{names[self.p_kind]} vs {names[self.q_kind]}"
+
+    @property
+    def rank(self) -> int:
+        return min(LOW_RANK, self.k)
+
+
+@dataclass
+class Inputs:
+    """NumPy parameter arrays of p and q for one cell (p first: loc, then its scale pieces)."""
+
+    p: tuple[np.ndarray, ...]
+    q: tuple[np.ndarray, ...]
+
+
+def _random_tril(rng: np.random.Generator, batch: tuple[int, ...], k: int) -> np.ndarray:
+    """Cholesky factors of well-conditioned random covariances A Aᵀ / K + I / 2."""
+    a = rng.standard_normal((*batch, k, k))
+    cov = a @ np.swapaxes(a, -1, -2) / k + 0.5 * np.eye(k)
+    return np.linalg.cholesky(cov)
+
+
+def _p_params(rng: np.random.Generator, kind: str, b: int, k: int, r: int) -> tuple:
+    loc = rng.standard_normal((b, k))
+    if kind == "full":
+        return loc, _random_tril(rng, (b,), k)
+    if kind == "diag":
+        return loc, np.exp(0.3 * rng.standard_normal((b, k)))
+    cov_factor = 0.5 * rng.standard_normal((b, k, r)) / math.sqrt(r)
+    cov_diag = np.exp(0.3 * rng.standard_normal((b, k)))
+    return loc, cov_factor, cov_diag
+
+
+def make_inputs(cell: Cell, dtype: str, seed: int = 0) -> Inputs:
+    """Random parameters for ``cell`` in ``dtype``."""
+    rng = np.random.default_rng(seed + cell.k)
+    p = _p_params(rng, cell.p_kind, cell.batch, cell.k, cell.rank)
+    if cell.q_kind in ("std", "stdvec"):
+        q: tuple = ()
+    else:
+        qb = () if cell.q_shared else (cell.batch,)
+        q = (rng.standard_normal((*qb, cell.k)), _random_tril(rng, qb, cell.k))
+    return Inputs(tuple(x.astype(dtype) for x in p), tuple(x.astype(dtype) for x in q))
+
+
+# --------------------------------------------------------------------------------------------
+# JAX implementations: ours, upstream, TFP, distrax
+
+
+class Skip(Exception):
+    """Raised by an implementation that cannot run a cell; the message is the note shown."""
+
+
+def _numpyro_builders(upstream_form: bool, k: int, dtype: Any) -> dict[str, Callable]:
+    """Constructors of NumPyro distributions; with ``upstream_form`` everything is an MVN."""
+    import jax.numpy as jnp
+    from numpyro.distributions import (
+        Independent,
+        LowRankMultivariateNormal,
+        MultivariateNormal,
+        Normal,
+    )
+
+    eye = jnp.eye(k, dtype=dtype)
+    if upstream_form:
+        return {
+            "full": lambda loc, tril: MultivariateNormal(loc, scale_tril=tril),
+            "diag": lambda loc, s: MultivariateNormal(loc, scale_tril=s[..., None] * eye),
+            "lowrank": lambda loc, w, d: MultivariateNormal(
+                loc, covariance_matrix=w @ jnp.swapaxes(w, -1, -2) + d[..., None] * eye
+            ),
+            "std": lambda: MultivariateNormal(jnp.zeros(k, dtype), scale_tril=eye),
+            "stdvec": lambda: MultivariateNormal(jnp.zeros(k, dtype), scale_tril=eye),
+        }
+    return {
+        "full": lambda loc, tril: MultivariateNormal(loc, scale_tril=tril),
+        "diag": lambda loc, s: Independent(Normal(loc, s), 1),
+        "lowrank": lambda loc, w, d: LowRankMultivariateNormal(loc, w, d),
+        "std": lambda: Normal(jnp.zeros((), dtype), jnp.ones((), dtype)).expand([k]).to_event(1),
+        "stdvec": lambda: Normal(jnp.zeros(k, dtype), jnp.ones(k, dtype)).to_event(1),
+    }
+
+
+def _tfp_builders(k: int, dtype: Any) -> dict[str, Callable]:
+    import jax.numpy as jnp
+    import tensorflow_probability.substrates.jax as tfp
+
+    tfd = tfp.distributions
+    builders = {
+        "full": lambda loc, tril: tfd.MultivariateNormalTriL(loc, scale_tril=tril),
+        "diag": lambda loc, s: tfd.MultivariateNormalDiag(loc, scale_diag=s),
+        "lowrank": lambda loc, w, d: tfd.MultivariateNormalDiagPlusLowRankCovariance(
+            loc, cov_diag_factor=d, cov_perturb_factor=w
+        ),
+        "std": lambda: tfd.MultivariateNormalDiag(jnp.zeros(k, dtype), jnp.ones(k, dtype)),
+    }
+    builders["stdvec"] = builders["std"]
+    return builders
+
+
+def _distrax_builders(k: int, dtype: Any) -> dict[str, Callable]:
+    import distrax
+    import jax.numpy as jnp
+
+    def lowrank(*_: Any) -> Any:
+        raise Skip("distrax has no covariance-parametrized low-rank MVN")
+
+    builders = {
+        "full": lambda loc, tril: distrax.MultivariateNormalTri(loc, tril),
+        "diag": lambda loc, s: distrax.MultivariateNormalDiag(loc, s),
+        "lowrank": lowrank,
+        "std": lambda: distrax.MultivariateNormalDiag(jnp.zeros(k, dtype), jnp.ones(k, dtype)),
+    }
+    builders["stdvec"] = builders["std"]
+    return builders
+
+
+class UpstreamRules:
+    """NumPyro's MVN-MVN rule captured with numpyro-gkl unregistered, and the dispatcher."""
+
+    def __init__(self) -> None:
+        from numpyro.distributions import MultivariateNormal
+        from numpyro.distributions.kl import kl_divergence
+
+        import numpyro_gkl
+
+        numpyro_gkl.unregister()
+        self.mvn_mvn = kl_divergence.dispatch(MultivariateNormal, MultivariateNormal)
+        numpyro_gkl.register()
+        self.ours_mvn_mvn = kl_divergence.dispatch(MultivariateNormal, MultivariateNormal)
+        if self.ours_mvn_mvn is self.mvn_mvn:
+            raise RuntimeError("numpyro_gkl did not replace NumPyro's MVN-MVN rule")
+        self.dispatcher = kl_divergence
+
+
+def _jax_kl_fn(impl: str, cell: Cell, dtype: Any, rules: UpstreamRules) -> Callable:
+    """``kl(p_params, q_params) -> Array`` of implementation ``impl`` on JAX."""
+    k = cell.k
+    if impl == "ours":
+        builders = _numpyro_builders(False, k, dtype)
+
+        def kl_call(p: Any, q: Any) -> Any:
+            return rules.dispatcher(p, q)
+
+    elif impl == "upstream":
+        builders = _numpyro_builders(True, k, dtype)
+        kl_call = rules.mvn_mvn
+    elif impl == "TFP":
+        builders = _tfp_builders(k, dtype)
+
+        def kl_call(p: Any, q: Any) -> Any:
+            return p.kl_divergence(q)
+
+    elif impl == "distrax":
+        builders = _distrax_builders(k, dtype)
+
+        def kl_call(p: Any, q: Any) -> Any:
+            return p.kl_divergence(q)
+
+    else:
+        raise ValueError(impl)
+
+    def kl(pp: tuple, qp: tuple) -> Any:
+        return kl_call(builders[cell.p_kind](*pp), builders[cell.q_kind](*qp))
+
+    return kl
+
+
+def _jax_runner(kl: Callable, inputs: Inputs, mode: str) -> tuple[Callable[[], Any], Callable]:
+    """A no-argument call that runs and waits for one evaluation, and its value extractor."""
+    import jax
+    import jax.numpy as jnp
+
+    pp = tuple(jnp.asarray(x) for x in inputs.p)
+    qp = tuple(jnp.asarray(x) for x in inputs.q)
+    if mode == "fwd":
+        fn = jax.jit(kl)
+
+        def value(out: Any) -> np.ndarray:
+            return np.asarray(out)
+
+    else:
+        fn = jax.jit(jax.value_and_grad(lambda p, q: jnp.sum(kl(p, q))))
+
+        def value(out: Any) -> np.ndarray:
+            return np.asarray(out[0])
+
+    def call() -> Any:
+        return jax.block_until_ready(fn(pp, qp))
+
+    return call, value
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch
+
+
+def _torch_runner(cell: Cell, inputs: Inputs, mode: str) -> tuple[Callable[[], Any], Callable]:
+    """PyTorch CPU: ``kl_divergence`` of ``MultivariateNormal``/``LowRankMultivariateNormal``."""
+    import torch
+    from torch.distributions import LowRankMultivariateNormal, MultivariateNormal, kl_divergence
+
+    torch.set_num_threads(2)
+    torch.distributions.Distribution.set_default_validate_args(False)
+    k = cell.k
+    dt = torch.from_numpy(inputs.p[0]).dtype
+    eye = torch.eye(k, dtype=dt)
+    builders = {
+        "full": lambda loc, tril: MultivariateNormal(loc, scale_tril=tril),
+        "diag": lambda loc, s: MultivariateNormal(loc, scale_tril=torch.diag_embed(s)),
+        "lowrank": lambda loc, w, d: LowRankMultivariateNormal(loc, w, d),
+        "std": lambda: MultivariateNormal(torch.zeros(k, dtype=dt), scale_tril=eye),
+    }
+    builders["stdvec"] = builders["std"]
+    grad = mode != "fwd"
+    pp = tuple(torch.from_numpy(x).requires_grad_(grad) for x in inputs.p)
+    qp = tuple(torch.from_numpy(x) for x in inputs.q)
+
+    def kl() -> Any:
+        return kl_divergence(builders[cell.p_kind](*pp), builders[cell.q_kind](*qp))
+
+    if not grad:
+
+        def call() -> Any:
+            with torch.no_grad():
+                return kl()
+
+        return call, lambda out: out.numpy()
+
+    def call_grad() -> Any:
+        out = kl()
+        total = out.sum()
+        grads = torch.autograd.grad(total, pp)
+        return total.detach(), grads
+
+    return call_grad, lambda out: out[0].numpy()
+
+
+# --------------------------------------------------------------------------------------------
+# Timing
+
+
+@dataclass
+class Result:
+    """Median ms per implementation (``None`` = skipped) and notes on skips and mismatches."""
+
+    ms: dict[str, float | None] = field(default_factory=dict)
+    notes: dict[str, str] = field(default_factory=dict)
+
+
+def _prepare(
+    impl: str, cell: Cell, inputs: Inputs, dtype: Any, rules: UpstreamRules
+) -> tuple[Callable[[], Any], Callable]:
+    if impl == "torch":
+        return _torch_runner(cell, inputs, cell.mode)
+    return _jax_runner(_jax_kl_fn(impl, cell, dtype, rules), inputs, cell.mode)
+
+
+def _check_values(ref: np.ndarray, got: np.ndarray, dtype: str, ref_impl: str) -> str | None:
+    """A note if ``got`` disagrees with ``ref`` by more than a loose tolerance."""
+    tol = 1e-3 if dtype == "float32" else 1e-8
+    ref = np.broadcast_to(np.asarray(ref, np.float64), np.shape(got))
+    rel = np.max(np.abs(np.asarray(got, np.float64) - ref) / np.maximum(np.abs(ref), 1e-30))
+    return None if rel <= tol else f"value differs from {ref_impl} by {rel:.1e}"
+
+
+def time_cell(
+    cell: Cell,
+    impls: Sequence[str],
+    dtype: str,
+    rules: UpstreamRules,
+    budget_s: float,
+    min_rounds: int,
+    progress: Callable[[str], None] = lambda _: None,
+) -> Result:
+    """Times every implementation of ``cell`` in interleaved rounds; returns medians in ms.
+
+    ``progress(impl)`` is called before each implementation starts a compile or a timed batch,
+    so that a watchdog can tell which one stalls.
+    """
+    import jax.numpy as jnp
+
+    result = Result()
+    inputs = make_inputs(cell, dtype)
+    calls: dict[str, Callable[[], Any]] = {}
+    inner: dict[str, int] = {}
+    ref_value: np.ndarray | None = None
+    ref_impl = ""
+    for impl in impls:
+        progress(impl)
+        try:
+            call, value = _prepare(impl, cell, inputs, jnp.dtype(dtype), rules)
+            out = call()  # compile
+            out = call()  # warm up
+            start = time.perf_counter()
+            out = call()
+            est = time.perf_counter() - start
+        except Skip as skip:
+            result.ms[impl], result.notes[impl] = None, str(skip)
+            continue
+        except Exception as err:  # an implementation that fails is reported, not fatal
+            result.ms[impl] = None
+            result.notes[impl] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            continue
+        v = value(out)
+        if ref_value is None:
+            ref_value, ref_impl = v, impl
+        elif ref_value is not None:
+            note = _check_values(ref_value, v, dtype, ref_impl)
+            if note:
+                result.notes[impl] = note
+        calls[impl] = call
+        inner[impl] = max(1, min(200, int(0.02 / max(est, 1e-6))))
+    samples: dict[str, list[float]] = {impl: [] for impl in calls}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < 200):
+        for impl, call in calls.items():
+            progress(impl)
+            t0 = time.perf_counter()
+            for _ in range(inner[impl]):
+                call()
+            samples[impl].append((time.perf_counter() - t0) / inner[impl] * 1e3)
+        rounds += 1
+    for impl, times in samples.items():
+        result.ms[impl] = statistics.median(times)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# Worker process with a stall watchdog
+#
+# jaxlib 0.10.2 can deadlock on CPU when one jitted computation runs two independent batched
+# LAPACK calls (e.g. two batched triangular solves) at once: each occupies a thread of the
+# intra-op pool (2 threads here) and waits for batch chunks queued on the same, exhausted pool.
+# A hung call never returns, so cells run in a child process; a cell that stops reporting
+# progress is killed and retried in a fresh process, and every stall is reported.
+
+STALL_S = 90.0
+ATTEMPTS = 3
+
+
+def _worker_main(conn: Any, dtype: str) -> None:
+    """Child process: times the cells it receives until it gets ``None``."""
+    import jax
+
+    if dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    rules = UpstreamRules()
+    while (msg := conn.recv()) is not None:
+        cell, impls, budget, min_rounds = msg
+        res = time_cell(
+            cell, impls, dtype, rules, budget, min_rounds, lambda i: conn.send(("progress", i))
+        )
+        conn.send(("done", res))
+
+
+class Worker:
+    """A child process running ``time_cell``; restarted after a stall."""
+
+    def __init__(self, dtype: str) -> None:
+        self.dtype = dtype
+        self.proc: Any = None
+        self.conn: Any = None
+
+    def _start(self) -> None:
+        import multiprocessing as mp
+
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_worker_main, args=(child, self.dtype), daemon=True)
+        self.proc.start()
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.join()
+        self.proc = self.conn = None
+
+    def close(self) -> None:
+        if self.proc is not None:
+            self.conn.send(None)
+            self.proc.join(timeout=10)
+            self.kill()
+
+    def run(self, cell: Cell, impls: Sequence[str], budget: float, min_rounds: int) -> Any:
+        """The cell's ``Result``, or the name of the implementation that stalled."""
+        if self.proc is None:
+            self._start()
+        self.conn.send((cell, list(impls), budget, min_rounds))
+        current = "start-up"
+        while self.conn.poll(STALL_S if current != "start-up" else 4 * STALL_S):
+            kind, payload = self.conn.recv()
+            if kind == "done":
+                return payload
+            current = payload
+        self.kill()
+        return current
+
+
+def run_cell(
+    worker: Worker, cell: Cell, impls: Sequence[str], budget: float, min_rounds: int
+) -> tuple[Result, list[str]]:
+    """Times ``cell``, retrying after stalls; the second return lists the stalls seen."""
+    stalls: list[str] = []
+    todo = list(impls)
+    for attempt in range(ATTEMPTS):
+        out = worker.run(cell, todo, budget, min_rounds)
+        if isinstance(out, Result):
+            for impl in impls:
+                if impl not in todo:
+                    out.ms[impl] = None
+                    out.notes[impl] = "stalled (deadlock) twice; dropped from this cell"
+            return out, stalls
+        stalls.append(out)
+        print(f"    stalled in {out} (attempt {attempt + 1}); restarting", file=sys.stderr)
+        if stalls.count(out) >= 2 and out in todo and out not in ("ours", "upstream"):
+            todo.remove(out)
+    res = Result({i: None for i in impls}, {"ours": "stalled in every attempt"})
+    return res, stalls
+
+
+# --------------------------------------------------------------------------------------------
+# Report
+
+
+def available_peers() -> tuple[list[str], list[str]]:
+    """Peers that import, and a note for each that does not."""
+    modules = {
+        "TFP": "tensorflow_probability.substrates.jax",
+        "distrax": "distrax",
+        "torch": "torch",
+    }
+    ok, notes = [], []
+    for name, module in modules.items():
+        try:
+            __import__(module)
+            ok.append(name)
+        except Exception as err:
+            notes.append(f"{name} skipped: {type(err).__name__}: {err}")
+    return ok, notes
+
+
+def build_cells(quick: bool) -> list[Cell]:
+    """The grid of full-vs-full cells (q shared and not) plus the structure rows, both modes."""
+    grid = QUICK_GRID if quick else FULL_GRID
+    structure = STRUCTURE_SIZES_QUICK if quick else STRUCTURE_SIZES_FULL
+    cells = []
+    for mode in MODES:
+        for shared in (True, False):
+            if quick and not shared:
+                continue
+            cells += [Cell("full", "full", k, b, shared, mode) for k, b in grid.items()]
+        for k, b in structure.items():
+            cells += [
+                Cell("diag", "full", k, b, True, mode),
+                Cell("full", "std", k, b, True, mode),
+                Cell("full", "stdvec", k, b, True, mode),
+                Cell("lowrank", "std", k, b, True, mode),
+            ]
+    return cells
+
+
+def _fmt_ms(ms: float | None) -> str:
+    if ms is None:
+        return "—"
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    return None if num is None or den is None or den <= 0 else num / den
+
+
+def _fmt_ratio(r: float | None) -> str:
+    return "—" if r is None else f"{r:.2f}×"
+
+
+def table_rows(cells: Sequence[Cell], results: Sequence[Result], peers: Sequence[str]) -> list:
+    """One row of strings per cell."""
+    rows = []
+    for cell, res in zip(cells, results, strict=True):
+        peer_ms = [res.ms.get(p) for p in peers if res.ms.get(p) is not None]
+        best = min(peer_ms) if peer_ms else None
+        qb = "()" if cell.q_shared else f"({cell.batch},)"
+        rows.append(
+            [
+                cell.pair,
+                str(cell.k),
+                str(cell.batch),
+                qb,
+                cell.mode,
+                *(_fmt_ms(res.ms.get(i)) for i in ("ours", "upstream", *peers)),
+                _fmt_ratio(_ratio(res.ms.get("upstream"), res.ms.get("ours"))),
+                _fmt_ratio(_ratio(best, res.ms.get("ours"))),
+            ]
+        )
+    return rows
+
+
+def geomean_lines(cells: Sequence[Cell], results: Sequence[Result]) -> list[str]:
+    """Geometric-mean speed-up over upstream, overall and per mode / pair family."""
+    groups: dict[str, list[float]] = {"all cells": []}
+    for cell, res in zip(cells, results, strict=True):
+        r = _ratio(res.ms.get("upstream"), res.ms.get("ours"))
+        if r is None:
+            continue
+        family = "full vs full" if cell.p_kind == cell.q_kind == "full" else "structured pairs"
+        for key in ("all cells", f"{cell.mode}", f"{family}, {cell.mode}"):
+            groups.setdefault(key, []).append(r)
+    lines = []
+    for key, values in groups.items():
+        gm = math.exp(statistics.fmean(math.log(v) for v in values))
+        lines.append(
+            f"Geometric-mean speed-up over upstream NumPyro ({key}, {len(values)}): {gm:.2f}×"
+        )
+    return lines
+
+
+def note_lines(cells: Sequence[Cell], results: Sequence[Result]) -> list[str]:
+    """Skips and value mismatches, one line each, deduplicated."""
+    seen: dict[str, list[str]] = {}
+    for cell, res in zip(cells, results, strict=True):
+        for impl, note in res.notes.items():
+            where = f"{cell.pair} K={cell.k} q batch {'()' if cell.q_shared else 'B'} {cell.mode}"
+            seen.setdefault(f"{impl}: {note}", []).append(where)
+    return [f"{msg} ({len(where)} cells, e.g. {where[0]})" for msg, where in seen.items()]
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a short run (a few cells)")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    parser.add_argument("--markdown", action="store_true", help="print a markdown table")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds of timing rounds per cell"
+    )
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    import jax
+
+    peers, peer_notes = available_peers()
+    impls = ["ours", "upstream", *peers]
+    budget = args.budget if args.budget is not None else (0.4 if args.quick else 2.0)
+    min_rounds = 3 if args.quick else 5
+    cells = build_cells(args.quick)
+    results = []
+    stall_notes = []
+    worker = Worker(args.dtype)
+    t_start = time.perf_counter()
+    for i, cell in enumerate(cells):
+        print(
+            f"[{i + 1}/{len(cells)}] {cell.pair} K={cell.k} B={cell.batch} "
+            f"q_shared={cell.q_shared} {cell.mode}",
+            file=sys.stderr,
+            flush=True,
+        )
+        res, stalls = run_cell(worker, cell, impls, budget, min_rounds)
+        results.append(res)
+        if stalls:
+            where = f"{cell.pair} K={cell.k} q batch {'()' if cell.q_shared else 'B'} {cell.mode}"
+            stall_notes.append(f"stalled (hung, process restarted) in {', '.join(stalls)}: {where}")
+    worker.close()
+    elapsed = time.perf_counter() - t_start
+    header = [
+        "pair",
+        "K",
+        "B",
+        "q batch",
+        "mode",
+        "ours ms",
+        "upstream ms",
+        *(f"{p} ms" for p in peers),
+        "upstream/ours",
+        "best peer/ours",
+    ]
+    print(machine_line(f"dtype {args.dtype}, JAX backend {jax.default_backend()}"))
+    print()
+    print(render_table(header, table_rows(cells, results, peers), args.markdown))
+    print()
+    for line in geomean_lines(cells, results):
+        print(f"- {line}" if args.markdown else line)
+    for line in peer_notes + note_lines(cells, results) + stall_notes:
+        print(f"- {line}" if args.markdown else line)
+    extra = (
+        "Upstream on a pair other than full vs full: both sides rewritten as MultivariateNormal "
+        "(NumPyro has no rule for the pair). Ratios > 1: ours faster."
+    )
+    print(f"- {extra}" if args.markdown else extra)
+    print(f"(total {elapsed:.0f} s)", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

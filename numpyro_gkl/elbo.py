@@ -1,0 +1,261 @@
+"""``TraceAnalytic_ELBO``: a drop-in for ``Trace_ELBO`` that uses closed forms wherever exact.
+
+Per particle the ELBO is a sum of per-site terms. ``Trace_ELBO`` estimates every term by one draw:
+log p(z) at each model site, −log q(z) at each guide site. With ``kl="analytic"`` (default) each
+term that has an exact expectation is replaced by it, and every other term stays a draw, so the
+estimator stays unbiased:
+
+- site-wise Gaussian guide site and Gaussian model site (any pair that ``kl_divergence`` knows,
+  NumPyro's or ours): log p(z) − log q(z) → −KL(q‖p), provided the mean-field condition holds for
+  the site (no latent parent of the model site descends from it in the guide); otherwise the draw
+  is kept and a warning names the site once;
+- joint Gaussian auto guide q(u) (``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``,
+  ``AutoDiagonalNormal``): −log q(u) → H(q) = ½ log|2πeΣ|, and for each model site that is a root
+  of the model (no latent parents), has real support and a Gaussian prior, log p(z) →
+  E_q[log p(z)] = −H(qᵢ) − KL(qᵢ‖p) from the guide's marginal qᵢ at that site;
+- everything else (likelihood, constrained sites and their log-Jacobians, priors that depend on
+  other latents, non-Gaussian guides): the draw of ``Trace_ELBO``.
+
+``kl="sampled"`` computes exactly ``Trace_ELBO``'s estimator, so an example compares the two with
+one argument changed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import random
+from numpyro.distributions import constraints
+from numpyro.distributions.kl import kl_divergence
+from numpyro.distributions.util import scale_and_mask
+from numpyro.handlers import replay, seed, substitute, trace
+from numpyro.infer import ELBO
+from numpyro.infer.autoguide import AutoContinuous
+from numpyro.infer.inspect import get_dependencies
+from numpyro.util import check_model_guide_match
+
+from numpyro_gkl.gaussian import Diagonal, as_gaussian, entropy
+from numpyro_gkl.kl import gaussian_kl
+from numpyro_gkl.marginals import site_marginal
+
+KLMode = Literal["analytic", "sampled"]
+Site = dict[str, Any]
+
+
+def _log_prob_sum(site: Site) -> jax.Array:
+    """Σ log p(value) of a trace site, with its scale and mask (as ``Trace_ELBO`` sums it)."""
+    if site["intermediates"]:
+        log_prob = site["fn"].log_prob(site["value"], site["intermediates"])
+    else:
+        log_prob = site["fn"].log_prob(site["value"])
+    return jnp.sum(scale_and_mask(log_prob, site["scale"]))
+
+
+def _scaled_sum(x: jax.Array, site: Site) -> jax.Array:
+    return jnp.sum(scale_and_mask(x, site["scale"]))
+
+
+def _is_real(support: constraints.Constraint) -> bool:
+    """Whether the support is ℝⁿ, so that the auto guide's transform is the identity."""
+    while isinstance(support, constraints.independent):
+        support = support.base_constraint
+    return support is constraints.real
+
+
+def _parents(deps: dict[str, dict[str, Any]], name: str) -> set[str]:
+    return set(deps.get(name, {})) - {name}
+
+
+class TraceAnalytic_ELBO(ELBO):
+    """ELBO with closed-form expectations wherever they are exact; see the module docstring.
+
+    :param num_particles: particles (draws) per estimate, averaged.
+    :param vectorize_particles: ``jax.vmap`` over particles (``True``), ``jax.lax.map`` (``False``)
+        or a callable, as in NumPyro.
+    :param sum_sites: sum the per-site terms (``True``) or return them as a dict keyed by site.
+    :param kl: ``"analytic"`` (closed forms where exact) or ``"sampled"`` (``Trace_ELBO``).
+    """
+
+    can_infer_discrete = False
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        vectorize_particles: bool | Callable = True,
+        sum_sites: bool = True,
+        kl: KLMode = "analytic",
+    ) -> None:
+        if kl not in ("analytic", "sampled"):
+            raise ValueError(f"kl must be 'analytic' or 'sampled', got {kl!r}")
+        self.sum_sites = sum_sites
+        self.kl = kl
+        self._warned: set[str] = set()
+        self._dependencies: dict[tuple[int, int], tuple[dict, dict] | None] = {}
+        super().__init__(num_particles=num_particles, vectorize_particles=vectorize_particles)
+
+    # -- structure, found once per (model, guide) at trace time ------------------------------
+
+    def _warn_once(self, name: str, message: str) -> None:
+        if name not in self._warned:
+            self._warned.add(name)
+            warnings.warn(message, stacklevel=4)
+
+    def _structure(self, model: Callable, guide: Callable, args: tuple, kwargs: dict):
+        """Prior dependencies of the model and of the guide, or ``None`` if they can't be found."""
+        key = (id(model), id(guide))
+        if key not in self._dependencies:
+            try:
+                model_deps = get_dependencies(model, args, kwargs)["prior_dependencies"]
+                guide_deps = get_dependencies(guide, args, kwargs)["prior_dependencies"]
+                self._dependencies[key] = (model_deps, guide_deps)
+            except Exception as err:  # provenance tracing cannot see through every program
+                self._warn_once(
+                    "<structure>",
+                    f"TraceAnalytic_ELBO could not infer the model's dependency structure "
+                    f"({type(err).__name__}: {err}); every site is sampled.",
+                )
+                self._dependencies[key] = None
+        return self._dependencies[key]
+
+    # -- the per-site terms ------------------------------------------------------------------
+
+    def _sitewise_kl(
+        self, name: str, model_site: Site, guide_site: Site, model_deps: dict, guide_deps: dict
+    ) -> jax.Array | None:
+        """−KL(q‖p) for a site-wise pair, or ``None`` where it would not be exact."""
+        try:
+            kl = kl_divergence(guide_site["fn"], model_site["fn"])
+        except NotImplementedError:
+            return None
+        descendants = {j for j, d in guide_deps.items() if name in d and j != name}
+        violated = _parents(model_deps, name) & descendants
+        if violated:
+            self._warn_once(
+                name,
+                f"TraceAnalytic_ELBO: site {name!r} has model parents {sorted(violated)} that "
+                "depend on it in the guide (mean-field condition violated); its KL term is "
+                "sampled.",
+            )
+            return None
+        return -_scaled_sum(kl, guide_site)
+
+    def _joint_terms(
+        self, guide: AutoContinuous, guide_trace: dict, model_trace: dict, model_deps: dict
+    ) -> dict[str, jax.Array]:
+        """Closed-form terms of a joint Gaussian auto guide: H(q), and E_q[log p] of root sites."""
+        latent_name = f"_{guide.prefix}_latent"
+        latent_site = guide_trace.get(latent_name)
+        joint = None if latent_site is None else as_gaussian(latent_site["fn"])
+        if isinstance(joint, Diagonal) and not joint.event_shape and joint.mask is None:
+            # AutoDiagonalNormal samples u as a batch of scalars: the same Gaussian over a vector.
+            joint = replace(joint, batch_shape=(), event_shape=joint.batch_shape)
+        if joint is None or len(joint.event_shape) != 1 or joint.batch_shape:
+            return {}
+        terms = {latent_name: _scaled_sum(entropy(joint), latent_site)}
+        with jax.ensure_compile_time_eval():
+            flat = guide._unpack_latent(jnp.arange(joint.dim, dtype=jnp.float32))
+        for name, idx in flat.items():
+            site = model_trace.get(name)
+            if site is None or site["is_observed"] or _parents(model_deps, name):
+                continue
+            prior = as_gaussian(site["fn"])
+            if prior is None or not _is_real(site["fn"].support):
+                continue
+            shape = tuple(prior.batch_shape) + tuple(prior.event_shape)
+            index = np.asarray(idx, dtype=np.int64)
+            if index.shape != shape:
+                continue
+            q_i = site_marginal(joint, index, prior)
+            terms[name] = -_scaled_sum(entropy(q_i) + gaussian_kl(q_i, prior), site)
+        return terms
+
+    # -- the estimator -----------------------------------------------------------------------
+
+    def loss_with_mutable_state(
+        self,
+        rng_key: jax.Array,
+        param_map: dict[str, jax.Array],
+        model: Callable,
+        guide: Callable,
+        *args: Any,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        def single_particle_elbo(key: jax.Array):
+            params = param_map.copy()
+            model_seed, guide_seed = random.split(key)
+            guide_trace = trace(substitute(seed(guide, guide_seed), data=param_map)).get_trace(
+                *args, **kwargs
+            )
+            mutable = {n: s["value"] for n, s in guide_trace.items() if s["type"] == "mutable"}
+            params.update(mutable)
+            model_trace = trace(
+                substitute(replay(seed(model, model_seed), guide_trace), data=params)
+            ).get_trace(*args, **kwargs)
+            mutable.update(
+                {n: s["value"] for n, s in model_trace.items() if s["type"] == "mutable"}
+            )
+            check_model_guide_match(model_trace, guide_trace)
+            terms = self._terms(model, guide, model_trace, guide_trace, args, kwargs)
+            elbo = sum(terms.values(), start=jnp.array(0.0)) if self.sum_sites else terms
+            if mutable:
+                if self.num_particles == 1:
+                    return elbo, mutable
+                warnings.warn(
+                    "mutable state is currently ignored when num_particles > 1.", stacklevel=2
+                )
+            return elbo, None
+
+        if self.num_particles == 1:
+            elbo, mutable_state = single_particle_elbo(rng_key)
+            return {"loss": jax.tree.map(jnp.negative, elbo), "mutable_state": mutable_state}
+        keys = random.split(rng_key, self.num_particles)
+        elbos, mutable_state = self.vectorize_particles_fn(single_particle_elbo, keys)
+        return {"loss": jax.tree.map(lambda x: -jnp.mean(x), elbos), "mutable_state": mutable_state}
+
+    def _terms(
+        self,
+        model: Callable,
+        guide: Callable,
+        model_trace: dict,
+        guide_trace: dict,
+        args: tuple,
+        kwargs: dict,
+    ) -> dict[str, jax.Array]:
+        """The per-site ELBO terms of one particle: closed forms where exact, draws elsewhere."""
+        sampled = {
+            name: _log_prob_sum(site)
+            for name, site in model_trace.items()
+            if site["type"] == "sample"
+        }
+        for name, site in guide_trace.items():
+            if site["type"] == "sample":
+                sampled[name] = sampled.get(name, jnp.array(0.0)) - _log_prob_sum(site)
+        if self.kl == "sampled":
+            return sampled
+        structure = self._structure(model, guide, args, kwargs)
+        if structure is None:
+            return sampled
+        model_deps, guide_deps = structure
+        terms = dict(sampled)
+        if isinstance(guide, AutoContinuous):
+            for name, value in self._joint_terms(
+                guide, guide_trace, model_trace, model_deps
+            ).items():
+                if name in model_trace:  # E_q[log p] replaces the model's draw; keep the guide's
+                    terms[name] = value - _log_prob_sum(guide_trace[name])
+                else:
+                    terms[name] = value
+            return terms
+        for name, site in model_trace.items():
+            if site["type"] != "sample" or site["is_observed"] or name not in guide_trace:
+                continue
+            value = self._sitewise_kl(name, site, guide_trace[name], model_deps, guide_deps)
+            if value is not None:
+                terms[name] = value
+        return terms

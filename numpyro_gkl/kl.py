@@ -1,0 +1,275 @@
+r"""Closed-form KL(p‖q) between two Gaussians in common form, without cancellation.
+
+For p = N(μp, Σp), q = N(μq, Σq) in K dimensions and δ = μp − μq,
+
+    KL(p‖q) = ½ [ f(Σp‖Σq) + δᵀ Σq⁻¹ δ ],   f = tr(Σq⁻¹Σp) − K − log|Σp| + log|Σq| ≥ 0.
+
+When both covariances have triangular square roots (diagonal or Cholesky), M = Lq⁻¹Lp is lower
+triangular with diag(M)ᵢ = Lp,ᵢᵢ / Lq,ᵢᵢ = exp(tᵢ), so
+
+    f = Σᵢ g(2tᵢ) + Σ_{i>j} Mᵢⱼ²,   g(x) = eˣ − 1 − x,
+
+a sum of non-negative terms: KL ≥ 0 by construction and KL(p‖p) = 0 exactly. Where a low-rank
+structure is involved the same idea is carried through the Woodbury identity and the matrix
+determinant lemma (Cq = I + WqᵀDq⁻¹Wq = Lc Lcᵀ, μ = eig(WpᵀDp⁻¹Wp), h(μ) = μ − log(1 + μ)):
+
+- low-rank p against diagonal q:
+  f = f(Dp‖Dq) + Σᵢ ‖Wp,ᵢ‖² (1/Dq,ᵢ − 1/Dp,ᵢ) + Σ_k h(μ_k), every piece exact when p ≈ q;
+- diagonal or low-rank p against low-rank q: ``_cov_lowrank_pair`` (three pieces through an
+  intermediate Gaussian, each computed from the differences of the parameters);
+- full p against low-rank q: f(Σp‖Dq) + log|Cq| − ‖Lc⁻¹ WqᵀDq⁻¹ Lp‖²_F;
+- low-rank p against full q: f(Dp‖Σq) + ‖Lq⁻¹Wp‖²_F − log|Cp|.
+
+The last two mix a Cholesky factor with a low-rank factor, whose difference has no exact
+small form: for nearly identical such pairs their float32 error grows like ε/‖Σq^-½(Σp − Σq)Σq^-½‖
+(see ``benchmarks/accuracy.py``).
+
+Costs per pair, p \\ q (diagonal | full | low rank), r the larger rank:
+- diagonal p: O(K) | O(K³) once per q (column norms of Lq⁻¹), then O(K²) | O(K r² + r³);
+- full p:     O(K²) | O(K³) (one triangular solve with K right-hand sides) | O(K² r);
+- low-rank p: O(K r² + r³) | O(K³) once per q, then O(K² r) | O(K r² + r³).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import Array
+
+from numpyro_gkl.gaussian import Diagonal, Gaussian, LowRank, Tril, _sum_event, entropy
+from numpyro_gkl.linalg import (
+    expm1_minus_x,
+    log_ratio,
+    solve_lower,
+    strict_lower_sq_sum,
+    x_minus_log1p,
+)
+
+_LOG_2PI = float(jnp.log(2 * jnp.pi))
+
+
+def _diag(m: Array) -> Array:
+    return jnp.diagonal(m, axis1=-2, axis2=-1)
+
+
+def _sq_norm(x: Array) -> Array:
+    """Squared Frobenius norm over the last two axes."""
+    return jnp.sum(jnp.square(x), axis=(-2, -1))
+
+
+def _diag_terms(scale_p: Array, scale_q: Array) -> Array:
+    """Σᵢ g(2tᵢ), tᵢ = log(scale_p,ᵢ / scale_q,ᵢ), the diagonal of the triangular form. O(K)."""
+    return jnp.sum(expm1_minus_x(2.0 * log_ratio(scale_p, scale_q)), -1)
+
+
+def _cov_vs_diag(p: Gaussian, sq: Array) -> Array:
+    """f(Σp ‖ diag(sq²)) for a vector event. O(K) diagonal, O(K²) full, O(K r² + r³) low rank."""
+    if isinstance(p, Diagonal):
+        return _diag_terms(p.scale, sq)
+    if isinstance(p, Tril):
+        m = p.scale_tril / sq[..., :, None]
+        return _diag_terms(_diag(p.scale_tril), sq) + strict_lower_sq_sum(m)
+    assert isinstance(p, LowRank)
+    dq = jnp.square(sq)
+    w2 = jnp.sum(jnp.square(p.cov_factor), -1)
+    u = p.whitened_factor
+    mu = jnp.linalg.eigvalsh(jnp.swapaxes(u, -1, -2) @ u)
+    return (
+        _diag_terms(jnp.sqrt(p.cov_diag), sq)
+        + jnp.sum(w2 * (p.cov_diag - dq) / (p.cov_diag * dq), -1)
+        + jnp.sum(x_minus_log1p(jnp.maximum(mu, 0.0)), -1)
+    )
+
+
+def _cov_vs_tril(p: Gaussian, lq: Array) -> Array:
+    """f(Σp ‖ Lq Lqᵀ). O(K³/3) (once per q for a diagonal p), plus O(K² r) for a low-rank p."""
+    if isinstance(p, Tril):
+        # M − I = Lq⁻¹(Lp − Lq): off-diagonals from the (exact) difference keep their digits.
+        m = solve_lower(lq, p.scale_tril - lq)
+        return _diag_terms(_diag(p.scale_tril), _diag(lq)) + strict_lower_sq_sum(m)
+    sp = p.scale if isinstance(p, Diagonal) else jnp.sqrt(p.cov_diag)
+    # M = Lq⁻¹ diag(sp): its strict lower part needs the column norms of Lq⁻¹, one solve per q.
+    k = lq.shape[-1]
+    lq_inv = solve_lower(lq, jnp.eye(k, dtype=lq.dtype))
+    col = jnp.sum(jnp.square(jnp.tril(lq_inv, -1)), -2)
+    f = _diag_terms(sp, _diag(lq)) + jnp.sum(jnp.square(sp) * col, -1)
+    if isinstance(p, LowRank):
+        # Mixes a Cholesky with a low-rank factor: rounding can leave f a hair below its bound 0.
+        lp = p.capacitance_tril()
+        f = f + _sq_norm(solve_lower(lq, p.cov_factor)) - 2.0 * jnp.sum(jnp.log(_diag(lp)), -1)
+        f = jnp.maximum(f, 0.0)
+    return f
+
+
+def _sandwich(lc: Array, x: Array) -> Array:
+    """Lc⁻¹ X Lc⁻ᵀ for symmetric X (r × r). O(r³)."""
+    y = solve_lower(lc, x)
+    return solve_lower(lc, jnp.swapaxes(y, -1, -2))
+
+
+def _woodbury_solve(d: Array, w: Array, lc: Array, z: Array) -> Array:
+    """(D + W Wᵀ)⁻¹ Z = D⁻¹Z − D⁻¹W C⁻¹ WᵀD⁻¹Z, C = Lc Lcᵀ. O(K r m) for Z of m columns."""
+    y = w / d[..., None]
+    zt = z / d[..., None]
+    c_inv = solve_lower(lc, solve_lower(lc, jnp.swapaxes(y, -1, -2) @ z), transpose=True)
+    return zt - y @ c_inv
+
+
+def _trace(x: Array) -> Array:
+    return jnp.trace(x, axis1=-2, axis2=-1)
+
+
+def _eig_h(x: Array) -> Array:
+    """Σ_k h(λ_k) over the eigenvalues of a symmetric matrix (symmetrized against rounding)."""
+    return jnp.sum(x_minus_log1p(jnp.linalg.eigvalsh(0.5 * (x + jnp.swapaxes(x, -1, -2)))), -1)
+
+
+def _cov_lowrank_pair(dp: Array, wp: Array | None, dq: Array, wq: Array) -> Array:
+    """f(Dp + WpWpᵀ ‖ Dq + WqWqᵀ) without cancellation, through r = N(·, Dp + WqWqᵀ).
+
+    With A = Σq⁻¹Σr and B = Σr⁻¹Σp, f(p‖q) = f(r‖q) + f(p‖r) + tr((A − I)(B − I)):
+    f(r‖q) changes only the diagonal (ΔD = Dp − Dq), f(p‖r) only the factor (ΔW = Wp − Wq,
+    zero-padded to a common rank), and the cross term is a product of the two differences, so each
+    piece is computed from the (exact) differences and none cancels:
+
+      f(r‖q) = Σ h(ΔD/Dq) + Σ h(eig G) − tr H,   G = −Lq⁻¹Wqᵀ diag(ΔD/(DpDq)) Wq Lq⁻ᵀ,
+               H = Lq⁻¹Wqᵀ diag(ΔD²/(Dq²Dp)) Wq Lq⁻ᵀ,  Lq Lqᵀ = I + WqᵀDq⁻¹Wq;
+      f(p‖r) = tr(Cu⁻¹UᵀU EᵀE) − ‖Lu⁻¹UᵀE‖² + Σ h(eig Lu⁻¹(EᵀU + UᵀE + EᵀE)Lu⁻ᵀ),
+               U = Dp^-½Wq, E = Dp^-½ΔW, Cu = I + UᵀU = Lu Luᵀ;
+      cross  = Σᵢⱼ (Σq⁻¹[Wq, ΔW])ᵢⱼ ΔDᵢ (Σr⁻¹[ΔW, Wp])ᵢⱼ  (Woodbury).
+
+    ``wp=None`` is a diagonal p. Cost O(K r² + r³).
+    """
+    if wp is None:
+        wp = jnp.zeros_like(wq)
+    r = max(wp.shape[-1], wq.shape[-1])
+    wp = jnp.pad(wp, [(0, 0)] * (wp.ndim - 1) + [(0, r - wp.shape[-1])])
+    wq = jnp.pad(wq, [(0, 0)] * (wq.ndim - 1) + [(0, r - wq.shape[-1])])
+    wp, wq = jnp.broadcast_arrays(wp, wq)  # O(K r) per pair: cheap next to the r × r work
+    eye = jnp.eye(r, dtype=wq.dtype)
+    dd = dp - dq
+    dw = wp - wq
+    wqt = jnp.swapaxes(wq, -1, -2)
+
+    lq = jnp.linalg.cholesky(eye + wqt @ (wq / dq[..., None]))
+    g = -_sandwich(lq, wqt @ (wq * (dd / (dp * dq))[..., None]))
+    h = _sandwich(lq, wqt @ (wq * (jnp.square(dd) / (jnp.square(dq) * dp))[..., None]))
+    f_rq = jnp.sum(x_minus_log1p(dd / dq), -1) + _eig_h(g) - _trace(h)
+
+    sp = jnp.sqrt(dp)[..., None]
+    u, e = wq / sp, dw / sp
+    ut, et = jnp.swapaxes(u, -1, -2), jnp.swapaxes(e, -1, -2)
+    lu = jnp.linalg.cholesky(eye + ut @ u)
+    ete, ute = et @ e, ut @ e
+    f_pr = (
+        _trace(ete)
+        - _sq_norm(solve_lower(lu, et))
+        - _sq_norm(solve_lower(lu, ute))
+        + _eig_h(_sandwich(lu, jnp.swapaxes(ute, -1, -2) + ute + ete))
+    )
+
+    x_q = _woodbury_solve(dq, wq, lq, jnp.concatenate([wq, dw], -1))
+    x_r = _woodbury_solve(dp, wq, lu, jnp.concatenate([dw, wp], -1))
+    cross = jnp.sum(x_q * dd[..., None] * x_r, axis=(-2, -1))
+    return f_rq + f_pr + cross
+
+
+def _cov_vs_lowrank(p: Gaussian, q: LowRank) -> Array:
+    """f(Σp ‖ Dq + WqWqᵀ). Diagonal or low-rank p: ``_cov_lowrank_pair``, O(K r² + r³). Full p:
+    Woodbury and the determinant lemma, f(Σp‖Dq) + log|Cq| − ‖Lc⁻¹WqᵀDq⁻¹Lp‖², O(K² r)."""
+    if isinstance(p, Diagonal):
+        return _cov_lowrank_pair(jnp.square(p.scale), None, q.cov_diag, q.cov_factor)
+    if isinstance(p, LowRank):
+        return _cov_lowrank_pair(p.cov_diag, p.cov_factor, q.cov_diag, q.cov_factor)
+    lc = q.capacitance_tril()
+    y = q.cov_factor / q.cov_diag[..., None]  # Dq⁻¹ Wq
+    correction = _sq_norm(solve_lower(lc, jnp.swapaxes(y, -1, -2) @ p.scale_tril))
+    f = _cov_vs_diag(p, jnp.sqrt(q.cov_diag)) + 2.0 * jnp.sum(jnp.log(_diag(lc)), -1) - correction
+    return jnp.maximum(f, 0.0)  # as in _cov_vs_tril: rounding can leave f a hair below 0
+
+
+def _mahalanobis(delta: Array, q: Gaussian) -> Array:
+    """δᵀ Σq⁻¹ δ. O(K) diagonal, O(K²) full, O(K r) low rank (given the capacitance factor)."""
+    if isinstance(q, Diagonal):
+        return jnp.sum(jnp.square(delta / q.scale), -1)
+    if isinstance(q, Tril):
+        return _sq_norm(solve_lower(q.scale_tril, delta[..., None]))
+    y = q.cov_factor / q.cov_diag[..., None]
+    proj = jnp.swapaxes(y, -1, -2) @ delta[..., None]
+    return jnp.sum(jnp.square(delta) / q.cov_diag, -1) - _sq_norm(
+        solve_lower(q.capacitance_tril(), proj)
+    )
+
+
+def _unmasked_kl(p: Gaussian, q: Gaussian) -> Array:
+    """KL(p‖q) of whole events, masks ignored."""
+    if isinstance(p, Diagonal) and isinstance(q, Diagonal):
+        t = 2.0 * log_ratio(p.scale, q.scale)
+        z = jnp.square((p.loc - q.loc) / q.scale)
+        return _sum_event(0.5 * (expm1_minus_x(t) + z), p)
+    if isinstance(q, Diagonal):
+        f = _cov_vs_diag(p, q.scale)
+    elif isinstance(q, Tril):
+        f = _cov_vs_tril(p, q.scale_tril)
+    else:
+        f = _cov_vs_lowrank(p, q)
+    return 0.5 * (f + _mahalanobis(p.loc - q.loc, q))
+
+
+def _diag_masked_kl(p: Diagonal, q: Diagonal) -> Array:
+    """Elementwise E_p[m_p log p − m_q log q] for two diagonal forms, summed over the event."""
+    t = 2.0 * log_ratio(p.scale, q.scale)
+    z = jnp.square((p.loc - q.loc) / q.scale)
+    kl = 0.5 * (expm1_minus_x(t) + z)
+    neg_h = -(0.5 * (1.0 + _LOG_2PI) + jnp.log(p.scale))
+    ce = 0.5 * (_LOG_2PI + 1.0) + jnp.log(p.scale) + kl
+    mp = True if p.mask is None else p.mask
+    mq = True if q.mask is None else q.mask
+    out = jnp.where(mp, jnp.where(mq, kl, neg_h), jnp.where(mq, ce, 0.0))
+    return _sum_event(out, p)
+
+
+def _masked_correction(p: Gaussian, q: Gaussian, kl: Array) -> Array:
+    """E_p[m_p log p − m_q log q] − KL(p‖q): the terms a mask removes from the sampled estimator.
+
+    A masked-out unit of p adds its entropy, a masked-out unit of q subtracts its cross-entropy
+    E_p[−log q]; a unit is a coordinate for a diagonal form (mask inside ``Independent``) and a
+    whole event otherwise.
+    """
+    out = 0.0
+    if p.mask is not None:
+        if isinstance(p, Diagonal):
+            h = 0.5 * (1.0 + _LOG_2PI) + jnp.log(p.scale)
+            out = out + _sum_event(jnp.where(p.mask, 0.0, h), p)
+        else:
+            out = out + jnp.where(p.mask, 0.0, entropy(p))
+    if q.mask is not None:
+        if isinstance(q, Diagonal):
+            ce = (
+                0.5 * _LOG_2PI
+                + jnp.log(q.scale)
+                + 0.5 * (jnp.square(p.loc - q.loc) + p.marginal_var()) / jnp.square(q.scale)
+            )
+            out = out - _sum_event(jnp.where(q.mask, 0.0, ce), q)
+        else:
+            ce = entropy(p) + kl
+            out = out - jnp.where(q.mask, 0.0, ce)
+    return out
+
+
+def gaussian_kl(p: Gaussian, q: Gaussian) -> Array:
+    """KL(p‖q) with shape ``broadcast(p.batch_shape, q.batch_shape)``.
+
+    Masked units contribute what the sampled estimator E_p[log p − log q] gives in expectation
+    with NumPyro's masked ``log_prob`` (zero where masked): KL where both are present, −H(p)
+    where only p is, the cross-entropy E_p[−log q] where only q is, 0 where neither is.
+    Shapes are checked by the caller (``numpyro_gkl.registry``).
+    """
+    batch_shape = jnp.broadcast_shapes(p.batch_shape, q.batch_shape)
+    masked = p.mask is not None or q.mask is not None
+    if masked and isinstance(p, Diagonal) and isinstance(q, Diagonal):
+        kl = _diag_masked_kl(p, q)
+    else:
+        kl = _unmasked_kl(p, q)
+        if masked:
+            kl = kl + _masked_correction(p, q, kl)
+    return jnp.broadcast_to(kl, batch_shape)

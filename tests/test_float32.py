@@ -1,0 +1,161 @@
+"""float32 accuracy on nearly identical pairs (KL from ~1e-7 to ~1).
+
+The reference is float64 on the very same float32 inputs, computed without cancellation and
+without numpyro_gkl: with Δ = Lp − Lq (exact in float64),
+
+    E = Lq⁻¹ (Sp − Sq) Lq⁻ᵀ,  Sp − Sq = ΔΔᵀ + ΔLqᵀ + LqΔᵀ,
+    KL = ½ (Σ (e − log1p e) + ‖Lq⁻¹ δ‖²)  over the eigenvalues e of E.
+
+(Σq⁻¹Σp = Lq⁻ᵀ(I + E)Lqᵀ, so tr − K − log det = Σ e − log(1 + e).)
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+import scipy.linalg
+from conftest import STRUCTURES, built_kl, random_gaussian
+from numpyro.distributions.kl import kl_divergence
+
+import numpyro_gkl
+
+PAIRS = [("diag", "diag"), ("full", "full"), ("diag", "full"), ("full", "diag")]
+KS = (1, 5, 16, 64)
+EPSILONS = np.logspace(-4.2, -0.7, 8)
+
+
+def _x_minus_log1p(e: np.ndarray) -> np.ndarray:
+    """e − log1p(e) in float64; the series below |e| < 1e-3 avoids the last bit of cancellation."""
+    series = e * e * (0.5 - e / 3.0 + e * e / 4.0 - e**3 / 5.0)
+    return np.where(np.abs(e) < 1e-3, series, e - np.log1p(e))
+
+
+def stable_reference(mp, lp, mq, lq) -> float:
+    mp, lp, mq, lq = (np.asarray(a, dtype=np.float64) for a in (mp, lp, mq, lq))
+    delta_l = lp - lq
+    diff = delta_l @ delta_l.T + delta_l @ lq.T + lq @ delta_l.T
+    half = scipy.linalg.solve_triangular(lq, diff, lower=True)
+    e_mat = scipy.linalg.solve_triangular(lq, half.T, lower=True)
+    e = np.linalg.eigvalsh(0.5 * (e_mat + e_mat.T))
+    z = scipy.linalg.solve_triangular(lq, mp - mq, lower=True)
+    return 0.5 * (np.sum(_x_minus_log1p(e)) + z @ z)
+
+
+def _factor(rng, structure: str, k: int) -> np.ndarray:
+    diag = np.exp(rng.uniform(-0.5, 0.5, size=k))
+    if structure == "diag":
+        return np.diag(diag)
+    return np.tril(0.3 * rng.normal(size=(k, k)), -1) + np.diag(diag)
+
+
+def _perturb(rng, structure: str, lp: np.ndarray, eps: float) -> np.ndarray:
+    k = lp.shape[0]
+    diag = np.diag(lp) * np.exp(eps * rng.normal(size=k))
+    if structure == "diag":
+        return np.diag(diag)
+    off = np.tril(lp, -1) + eps * np.tril(rng.normal(size=(k, k)), -1) / np.sqrt(k)
+    return off + np.diag(diag)
+
+
+def _to_dist(structure: str, loc: np.ndarray, tril: np.ndarray):
+    if structure == "diag":
+        return dist.Normal(loc, np.diag(tril).copy()).to_event(1)
+    return dist.MultivariateNormal(loc, scale_tril=tril)
+
+
+def make_case(sp: str, sq: str, k: int, eps: float, seed: int):
+    """Nearly identical float32 p (structure sp) and q (structure sq): both are perturbations of
+    size ``eps`` of one factor, diagonal unless both are full."""
+    rng = np.random.default_rng(seed)
+    l0 = _factor(rng, "full" if sp == sq == "full" else "diag", k)
+    lq = _perturb(rng, sq, l0, eps)
+    lp = _perturb(rng, sp, l0, eps)
+    mq = rng.normal(size=k)
+    mp = mq + eps * rng.normal(size=k) * np.diag(l0)
+    mp, lp, mq, lq = (np.asarray(a, dtype=np.float32) for a in (mp, lp, mq, lq))
+    return (mp, lp, mq, lq), _to_dist(sp, mp, lp), _to_dist(sq, mq, lq)
+
+
+def _errors(sp, sq):
+    rows = []
+    for seed, (k, eps) in enumerate(itertools.product(KS, EPSILONS)):
+        arrays, p, q = make_case(sp, sq, k, eps, seed)
+        ref = stable_reference(*arrays)
+        kl = kl_divergence(p, q)
+        rows.append((k, eps, ref, float(kl), p, q))
+    return rows
+
+
+@pytest.mark.parametrize(("sp", "sq"), PAIRS, ids="-".join)
+def test_float32_nearly_identical(sp, sq):
+    rows = _errors(sp, sq)
+    refs = np.array([r[2] for r in rows])
+    kls = np.array([r[3] for r in rows])
+    # the cases really span ~1e-7 .. ~1
+    assert refs.min() < 3e-7
+    assert refs.max() > 0.1
+    rel = np.abs(kls - refs) / refs
+    worst = int(np.argmax(rel))
+    print(
+        f"\n{sp}-{sq}: numpyro_gkl float32 rel. error median {np.median(rel):.2e}, "
+        f"worst {rel.max():.2e} (K={rows[worst][0]}, KL={refs[worst]:.2e})"
+    )
+    _print_upstream(sp, sq, rows, refs)
+    assert np.all(kls >= 0)
+    assert np.median(rel) <= 1e-5
+    assert rel.max() <= 1e-4
+
+
+def _print_upstream(sp, sq, rows, refs):
+    """For comparison only: NumPyro's own rule on the same pairs (where it has one)."""
+    if sp != sq:
+        return
+    numpyro_gkl.unregister()
+    try:
+        up = np.array([float(kl_divergence(r[4], r[5])) for r in rows])
+    finally:
+        numpyro_gkl.register()
+    rel = np.abs(up - refs) / refs
+    print(
+        f"{sp}-{sq}: upstream NumPyro float32 rel. error median {np.median(rel):.2e}, "
+        f"worst {rel.max():.2e}"
+    )
+
+
+def test_reference_is_stable():
+    """The float64 reference agrees with the textbook formula where that one is accurate
+    (KL ~ 1, well-conditioned), so the stable rewrite is the same quantity."""
+    rng = np.random.default_rng(7)
+    k = 4
+    lp = np.tril(0.3 * rng.normal(size=(k, k)), -1) + np.diag(np.exp(rng.uniform(-0.5, 0.5, k)))
+    lq = np.tril(0.3 * rng.normal(size=(k, k)), -1) + np.diag(np.exp(rng.uniform(-0.5, 0.5, k)))
+    mp, mq = rng.normal(size=(2, k))
+    sp, sq = lp @ lp.T, lq @ lq.T
+    si = np.linalg.inv(sq)
+    d = mp - mq
+    textbook = 0.5 * (
+        np.trace(si @ sp) + d @ si @ d - k + np.linalg.slogdet(sq)[1] - np.linalg.slogdet(sp)[1]
+    )
+    np.testing.assert_allclose(stable_reference(mp, lp, mq, lq), textbook, rtol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 3])
+@pytest.mark.parametrize(("sp", "sq"), list(itertools.product(STRUCTURES, STRUCTURES)))
+def test_float32_in_float32_out(sp, sq, k):
+    """float32 parameters give a float32 KL even with jax_enable_x64 on (as in this session).
+
+    NumPyro itself turns a float32 ``precision_matrix`` into a float64 ``scale_tril`` under x64,
+    so the expected dtype is that of the arrays the distributions actually hold."""
+    rng = np.random.default_rng(3)
+    p = random_gaussian(rng, sp, k, dtype=np.float32)
+    q = random_gaussian(rng, sq, k, dtype=np.float32)
+    expected = jnp.result_type(*jax.tree.leaves(p.dist), *jax.tree.leaves(q.dist))
+    assert jnp.result_type(*jax.tree.leaves(p.dist)) in (np.float32, np.float64)
+    kl = kl_divergence(p.dist, q.dist)
+    assert kl.dtype == expected
+    np.testing.assert_allclose(float(kl), built_kl(p, q), rtol=2e-3)

@@ -1,0 +1,197 @@
+"""Closed-form KL against dense float64 NumPy for every ordered pair of structures."""
+
+from __future__ import annotations
+
+import itertools
+
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import pytest
+from conftest import (
+    STRUCTURES,
+    assert_close,
+    built_kl,
+    dense_kl,
+    normal_kl,
+    random_gaussian,
+    rng_for,
+)
+from numpyro.distributions.kl import kl_divergence
+
+PAIRS = list(itertools.product(STRUCTURES, STRUCTURES))
+RTOL = 1e-10
+
+
+@pytest.mark.parametrize("k", [1, 3, 7])
+@pytest.mark.parametrize(("sp", "sq"), PAIRS)
+def test_pair_matches_dense(sp, sq, k):
+    rng = rng_for("pair", sp, sq, k)
+    p = random_gaussian(rng, sp, k)
+    q = random_gaussian(rng, sq, k)
+    kl = kl_divergence(p.dist, q.dist)
+    assert jnp.shape(kl) == ()
+    assert jnp.asarray(kl).dtype == jnp.float64
+    assert_close(kl, built_kl(p, q), rtol=RTOL)
+
+
+def test_scalar_normal_normal():
+    rng = rng_for("scalar")
+    mp, mq = rng.normal(size=(2, 5))
+    sp, sq = np.exp(rng.uniform(-1, 1, size=(2, 5)))
+    kl = kl_divergence(dist.Normal(mp, sp), dist.Normal(mq, sq))
+    assert_close(kl, normal_kl(mp, sp, mq, sq), rtol=RTOL)
+    # and as 1x1 covariances through the dense formula
+    dense = dense_kl(mp[:, None], sp[:, None, None] ** 2, mq[:, None], sq[:, None, None] ** 2)
+    assert_close(kl, dense, rtol=RTOL)
+
+
+def test_scalar_normal_normal_broadcast():
+    kl = kl_divergence(dist.Normal(jnp.zeros((3, 1)), 1.0), dist.Normal(jnp.arange(4.0), 2.0))
+    assert_close(kl, normal_kl(np.zeros((3, 1)), 1.0, np.arange(4.0), 2.0), rtol=RTOL)
+
+
+@pytest.mark.parametrize("batch_shape", [(), (4,)])
+def test_matrix_event_independent_normal(batch_shape):
+    """Independent(Normal, 2) vs Independent(Normal, 2): a sum over the (2, 3) event."""
+    rng = rng_for("matrix", batch_shape)
+    shape = (*batch_shape, 2, 3)
+    mp, mq = rng.normal(size=(2, *shape))
+    sp, sq = np.exp(rng.uniform(-0.5, 0.5, size=(2, *shape)))
+    p = dist.Normal(mp, sp).to_event(2)
+    q = dist.Normal(mq, sq).to_event(2)
+    expected = normal_kl(mp, sp, mq, sq).sum((-2, -1))
+    assert_close(kl_divergence(p, q), expected, rtol=RTOL)
+    # the same through the dense formula on the flattened event
+    flat = (*batch_shape, 6)
+    dense = dense_kl(
+        mp.reshape(flat),
+        (sp.reshape(flat) ** 2)[..., None] * np.eye(6),
+        mq.reshape(flat),
+        (sq.reshape(flat) ** 2)[..., None] * np.eye(6),
+    )
+    assert_close(kl_divergence(p, q), dense, rtol=RTOL)
+    # nested Independent(Independent(Normal, 1), 1) is the same distribution
+    nested = dist.Independent(dist.Normal(mq, sq).to_event(1), 1)
+    assert_close(kl_divergence(p, nested), expected, rtol=RTOL)
+
+
+# --------------------------------------------------------------------------------------------
+# expanded forms
+# --------------------------------------------------------------------------------------------
+
+K_EXP = 3
+
+
+def _scalar_expanded(m: float, s: float):
+    """``Normal(m, s).expand([K]).to_event(1)`` and its dense reference."""
+    d = dist.Normal(m, s).expand([K_EXP]).to_event(1)
+    return d, np.full(K_EXP, m), s**2 * np.eye(K_EXP)
+
+
+def _expand_params():
+    for partner in (*STRUCTURES, "expanded"):
+        for side in ("p", "q"):
+            yield pytest.param(partner, side, id=f"{partner}-expanded_is_{side}")
+
+
+@pytest.mark.parametrize(("partner", "side"), list(_expand_params()))
+def test_scalar_expanded_to_event(partner, side):
+    """``Normal(0., 1.).expand([K]).to_event(1)``: a common prior, against every structure."""
+    e, em, ec = _scalar_expanded(0.0, 1.0)
+    if partner == "expanded":
+        o, om, oc = _scalar_expanded(0.5, 2.0)
+    else:
+        b = random_gaussian(rng_for("expand", partner), partner, K_EXP)
+        o, om, oc = b.dist, b.loc, b.cov
+    if side == "p":
+        kl, expected = kl_divergence(e, o), dense_kl(em, ec, om, oc)
+    else:
+        kl, expected = kl_divergence(o, e), dense_kl(om, oc, em, ec)
+    assert_close(kl, expected, rtol=RTOL)
+
+
+@pytest.mark.parametrize("structure", STRUCTURES)
+def test_partially_broadcast_diag_parameters(structure):
+    """Independent(Normal) with a vector loc and a scalar scale, or the reverse."""
+    rng = rng_for("partial", structure)
+    other = random_gaussian(rng, structure, K_EXP)
+    loc = rng.normal(size=K_EXP)
+    scale = np.exp(rng.uniform(-0.5, 0.5, size=K_EXP))
+    forms = [
+        (dist.Normal(jnp.asarray(loc), 1.7).to_event(1), loc, 1.7**2 * np.eye(K_EXP)),
+        (dist.Normal(0.3, jnp.asarray(scale)).to_event(1), np.full(K_EXP, 0.3), np.diag(scale**2)),
+    ]
+    for d, m, c in forms:
+        assert_close(kl_divergence(d, other.dist), dense_kl(m, c, other.loc, other.cov), RTOL)
+        assert_close(kl_divergence(other.dist, d), dense_kl(other.loc, other.cov, m, c), RTOL)
+
+
+@pytest.mark.parametrize(("sp", "sq"), PAIRS)
+def test_expanded_batch(sp, sq):
+    """``d.expand([5])`` (e.g. ``MultivariateNormal(...).expand([5])``) on either side."""
+    rng = rng_for("expand_batch", sp, sq)
+    p = random_gaussian(rng, sp, K_EXP)
+    q = random_gaussian(rng, sq, K_EXP, (5,))
+    kl = kl_divergence(p.dist.expand([5]), q.dist)
+    assert_close(kl, built_kl(p, q), rtol=RTOL)
+    kl = kl_divergence(q.dist, p.dist.expand([5]))
+    assert_close(kl, dense_kl(q.loc, q.cov, p.loc, p.cov), rtol=RTOL)
+    # both expanded: the result takes the broadcast batch shape
+    kl = kl_divergence(p.dist.expand([5]), q.dist.expand([2, 5]))
+    assert_close(kl, np.broadcast_to(built_kl(p, q), (2, 5)), rtol=RTOL)
+
+
+@pytest.mark.parametrize("sq", STRUCTURES)
+def test_independent_expanded_to_batch(sq):
+    """``Normal(loc, scale).to_event(1).expand([2, 5])`` vs a batched q."""
+    rng = rng_for("ind_expand", sq)
+    p = random_gaussian(rng, "diag", K_EXP)
+    q = random_gaussian(rng, sq, K_EXP, (5,))
+    pe = p.dist.expand([2, 5])
+    assert pe.batch_shape == (2, 5)
+    kl = kl_divergence(pe, q.dist)
+    assert_close(kl, np.broadcast_to(built_kl(p, q), (2, 5)), rtol=RTOL)
+    kl = kl_divergence(q.dist, pe)
+    expected = dense_kl(q.loc, q.cov, p.loc, p.cov)
+    assert_close(kl, np.broadcast_to(expected, (2, 5)), rtol=RTOL)
+
+
+# --------------------------------------------------------------------------------------------
+# batch broadcasting
+# --------------------------------------------------------------------------------------------
+
+BATCHES = [((3, 1), (4,))]
+# a shared q (batch ()) against batched p's and vice versa; every pair also meets an expanded,
+# unbatched partner in test_expanded_batch below
+SHARED = [((5,), ()), ((), (5,))]
+SHARED_PAIRS = [
+    (a, b)
+    for a in ("diag", "scale_tril", "lowrank3")
+    for b in ("diag", "precision_matrix", "lowrank1")
+]
+# more layouts (shared factors folded into a solve, extra leading axes) for a few pairs
+MORE_BATCHES = [((4,), (3, 1)), ((2, 1, 3), (4, 1)), ((2, 3), (1, 3))]
+MORE_PAIRS = [("scale_tril", "scale_tril"), ("diag", "scale_tril"), ("lowrank1", "lowrank3")]
+BROADCAST_CASES = [
+    *((*pair, *b) for pair in PAIRS for b in BATCHES),
+    *((*pair, *b) for pair in SHARED_PAIRS for b in SHARED),
+    *((*pair, *b) for pair in MORE_PAIRS for b in MORE_BATCHES),
+]
+
+
+@pytest.mark.parametrize(("sp", "sq", "bp", "bq"), BROADCAST_CASES, ids=str)
+def test_batch_broadcasting(sp, sq, bp, bq):
+    """p batch (3, 1) vs q batch (4,) gives (3, 4), each element equal to the dense reference."""
+    rng = rng_for("broadcast", sp, sq, bp, bq)
+    p = random_gaussian(rng, sp, K_EXP, bp)
+    q = random_gaussian(rng, sq, K_EXP, bq)
+    kl = np.asarray(kl_divergence(p.dist, q.dist))
+    shape = np.broadcast_shapes(bp, bq)
+    assert kl.shape == shape
+    # element by element against the dense formula on unbatched slices
+    pl, pc = np.broadcast_to(p.loc, (*shape, K_EXP)), np.broadcast_to(p.cov, (*shape, K_EXP, K_EXP))
+    ql, qc = np.broadcast_to(q.loc, (*shape, K_EXP)), np.broadcast_to(q.cov, (*shape, K_EXP, K_EXP))
+    for idx in np.ndindex(*shape):
+        expected = dense_kl(pl[idx], pc[idx], ql[idx], qc[idx])
+        assert_close(kl[idx], expected, rtol=RTOL, what=str(idx))
