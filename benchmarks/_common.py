@@ -53,8 +53,10 @@ def machine_line(extra: str = "") -> str:
         version = package_version(dist)
         versions.append(f"{label} {version if version else 'not installed'}")
     cores = os.cpu_count()
+    load = os.getloadavg()[0]
     line = (
-        f"Machine: {cpu_model()}, {cores} cores, Python {platform.python_version()}; "
+        f"Machine: {cpu_model()}, {cores} cores, 1-min load average {load:.1f} at the end "
+        f"(other processes share the machine), Python {platform.python_version()}; "
         + ", ".join(versions)
     )
     return f"{line}; {extra}" if extra else line

@@ -11,7 +11,8 @@ triangular with diag(M)ᵢ = Lp,ᵢᵢ / Lq,ᵢᵢ = exp(tᵢ), so
 
 a sum of non-negative terms: KL ≥ 0 by construction and KL(p‖p) = 0 exactly. Where a low-rank
 structure is involved the same idea is carried through the Woodbury identity and the matrix
-determinant lemma (Cq = I + WqᵀDq⁻¹Wq = Lc Lcᵀ, μ = eig(WpᵀDp⁻¹Wp), h(μ) = μ − log(1 + μ)):
+determinant lemma (Cq = I + WqᵀDq⁻¹Wq = Lc Lcᵀ, μ = eig(WpᵀDp⁻¹Wp), h(μ) = μ − log(1 + μ);
+Σ h(μ) is evaluated without eigenvalues as tr X − log|I + X|, ``trace_minus_log_det_1p``):
 
 - low-rank p against diagonal q:
   f = f(Dp‖Dq) + Σᵢ ‖Wp,ᵢ‖² (1/Dq,ᵢ − 1/Dp,ᵢ) + Σ_k h(μ_k), every piece exact when p ≈ q;
@@ -32,6 +33,8 @@ Costs per pair, p \\ q (diagonal | full | low rank), r the larger rank:
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 from jax import Array
 
@@ -41,10 +44,11 @@ from numpyro_gkl.linalg import (
     log_ratio,
     solve_lower,
     strict_lower_sq_sum,
+    trace_minus_log_det_1p,
     x_minus_log1p,
 )
 
-_LOG_2PI = float(jnp.log(2 * jnp.pi))
+_LOG_2PI = math.log(2 * math.pi)
 
 
 def _diag(m: Array) -> Array:
@@ -72,11 +76,10 @@ def _cov_vs_diag(p: Gaussian, sq: Array) -> Array:
     dq = jnp.square(sq)
     w2 = jnp.sum(jnp.square(p.cov_factor), -1)
     u = p.whitened_factor
-    mu = jnp.linalg.eigvalsh(jnp.swapaxes(u, -1, -2) @ u)
     return (
         _diag_terms(jnp.sqrt(p.cov_diag), sq)
         + jnp.sum(w2 * (p.cov_diag - dq) / (p.cov_diag * dq), -1)
-        + jnp.sum(x_minus_log1p(jnp.maximum(mu, 0.0)), -1)
+        + trace_minus_log_det_1p(jnp.swapaxes(u, -1, -2) @ u)
     )
 
 
@@ -84,7 +87,7 @@ def _cov_vs_tril(p: Gaussian, lq: Array) -> Array:
     """f(Σp ‖ Lq Lqᵀ). O(K³/3) (once per q for a diagonal p), plus O(K² r) for a low-rank p."""
     if isinstance(p, Tril):
         # M − I = Lq⁻¹(Lp − Lq): off-diagonals from the (exact) difference keep their digits.
-        m = solve_lower(lq, p.scale_tril - lq)
+        m = solve_lower(lq, jnp.tril(p.scale_tril - lq))
         return _diag_terms(_diag(p.scale_tril), _diag(lq)) + strict_lower_sq_sum(m)
     sp = p.scale if isinstance(p, Diagonal) else jnp.sqrt(p.cov_diag)
     # M = Lq⁻¹ diag(sp): its strict lower part needs the column norms of Lq⁻¹, one solve per q.
@@ -118,11 +121,6 @@ def _trace(x: Array) -> Array:
     return jnp.trace(x, axis1=-2, axis2=-1)
 
 
-def _eig_h(x: Array) -> Array:
-    """Σ_k h(λ_k) over the eigenvalues of a symmetric matrix (symmetrized against rounding)."""
-    return jnp.sum(x_minus_log1p(jnp.linalg.eigvalsh(0.5 * (x + jnp.swapaxes(x, -1, -2)))), -1)
-
-
 def _cov_lowrank_pair(dp: Array, wp: Array | None, dq: Array, wq: Array) -> Array:
     """f(Dp + WpWpᵀ ‖ Dq + WqWqᵀ) without cancellation, through r = N(·, Dp + WqWqᵀ).
 
@@ -131,9 +129,10 @@ def _cov_lowrank_pair(dp: Array, wp: Array | None, dq: Array, wq: Array) -> Arra
     zero-padded to a common rank), and the cross term is a product of the two differences, so each
     piece is computed from the (exact) differences and none cancels:
 
-      f(r‖q) = Σ h(ΔD/Dq) + Σ h(eig G) − tr H,   G = −Lq⁻¹Wqᵀ diag(ΔD/(DpDq)) Wq Lq⁻ᵀ,
+      f(r‖q) = Σ h(ΔD/Dq) + tr G − log|I + G| − tr H,   G = −Lq⁻¹Wqᵀ diag(ΔD/(DpDq)) Wq Lq⁻ᵀ,
                H = Lq⁻¹Wqᵀ diag(ΔD²/(Dq²Dp)) Wq Lq⁻ᵀ,  Lq Lqᵀ = I + WqᵀDq⁻¹Wq;
-      f(p‖r) = tr(Cu⁻¹UᵀU EᵀE) − ‖Lu⁻¹UᵀE‖² + Σ h(eig Lu⁻¹(EᵀU + UᵀE + EᵀE)Lu⁻ᵀ),
+      f(p‖r) = tr(Cu⁻¹UᵀU EᵀE) − ‖Lu⁻¹UᵀE‖² + h(Lu⁻¹(EᵀU + UᵀE + EᵀE)Lu⁻ᵀ),
+               h(X) = tr X − log|I + X|,
                U = Dp^-½Wq, E = Dp^-½ΔW, Cu = I + UᵀU = Lu Luᵀ;
       cross  = Σᵢⱼ (Σq⁻¹[Wq, ΔW])ᵢⱼ ΔDᵢ (Σr⁻¹[ΔW, Wp])ᵢⱼ  (Woodbury).
 
@@ -153,7 +152,7 @@ def _cov_lowrank_pair(dp: Array, wp: Array | None, dq: Array, wq: Array) -> Arra
     lq = jnp.linalg.cholesky(eye + wqt @ (wq / dq[..., None]))
     g = -_sandwich(lq, wqt @ (wq * (dd / (dp * dq))[..., None]))
     h = _sandwich(lq, wqt @ (wq * (jnp.square(dd) / (jnp.square(dq) * dp))[..., None]))
-    f_rq = jnp.sum(x_minus_log1p(dd / dq), -1) + _eig_h(g) - _trace(h)
+    f_rq = jnp.sum(x_minus_log1p(dd / dq), -1) + trace_minus_log_det_1p(g) - _trace(h)
 
     sp = jnp.sqrt(dp)[..., None]
     u, e = wq / sp, dw / sp
@@ -164,7 +163,7 @@ def _cov_lowrank_pair(dp: Array, wp: Array | None, dq: Array, wq: Array) -> Arra
         _trace(ete)
         - _sq_norm(solve_lower(lu, et))
         - _sq_norm(solve_lower(lu, ute))
-        + _eig_h(_sandwich(lu, jnp.swapaxes(ute, -1, -2) + ute + ete))
+        + trace_minus_log_det_1p(_sandwich(lu, jnp.swapaxes(ute, -1, -2) + ute + ete))
     )
 
     x_q = _woodbury_solve(dq, wq, lq, jnp.concatenate([wq, dw], -1))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 
 import jax.numpy as jnp
-import numpy as np
 from jax import Array, lax
 from jax.scipy.linalg import solve_triangular
 
@@ -56,9 +55,58 @@ def x_minus_log1p(x: Array) -> Array:
     return _small_series(x, _LOG1P_COEFFS, x - jnp.log1p(x))
 
 
+def trace_minus_log_det_1p(x: Array) -> Array:
+    """Σₖ h(λₖ) = tr X − log|I + X| ≥ 0 for symmetric X (r × r) with I + X positive definite.
+
+    For ‖X‖_F < 0.1 the series Σ_{k≥2} (−1)ᵏ tr(Xᵏ)/k (16 terms, exact to float64), which keeps
+    the relative accuracy of a tiny X; elsewhere the triangular form of I + X = L Lᵀ,
+    Σᵢ g(2 log Lᵢᵢ) + Σ_{i>j} Lᵢⱼ². Both are smooth in X to every order (unlike an eigenvalue
+    decomposition at repeated eigenvalues). Cost: O(r³) × 16.
+    """
+    x = 0.5 * (x + jnp.swapaxes(x, -1, -2))
+    small = jnp.sum(jnp.square(x), axis=(-2, -1)) < _SERIES_CUTOFF**2
+    mask = small[..., None, None]
+    xs = jnp.where(mask, x, 0.0)
+    power, series = xs, jnp.zeros(x.shape[:-2], x.dtype)
+    for c in _LOG1P_COEFFS:
+        power = power @ xs
+        series = series + c * jnp.trace(power, axis1=-2, axis2=-1)
+    eye = jnp.eye(x.shape[-1], dtype=x.dtype)
+    lower = jnp.linalg.cholesky(eye + jnp.where(mask, 0.0, x))
+    diag = jnp.diagonal(lower, axis1=-2, axis2=-1)
+    direct = jnp.sum(expm1_minus_x(2.0 * jnp.log(diag)), -1) + strict_lower_sq_sum(lower)
+    return jnp.where(small, series, direct)
+
+
 def strict_lower_sq_sum(m: Array) -> Array:
     """``Σ_{i>j} m_ij²`` over the last two axes. Cost: O(K²)."""
     return jnp.sum(jnp.square(jnp.tril(m, -1)), axis=(-2, -1))
+
+
+# Up to these K a substitution written out row by row (elementwise over the batch, fused by XLA)
+# beats XLA's batched triangular solve on CPU several times over, forward and backward; for a
+# factor shared by the batch, one inverse and a matmul win from K = 5 on (benchmarks/kl_speed.py).
+_UNROLL_MAX_K = 8
+_UNROLL_SHARED_MAX_K = 4
+
+
+def _solve_unrolled(tril: Array, rhs: Array, transpose: bool) -> Array:
+    """Forward (or, for ``tril⁻ᵀ``, backward) substitution unrolled over the K rows.
+
+    yᵢ = (xᵢ − Σⱼ Lᵢⱼ yⱼ) / Lᵢᵢ over j < i (over j > i with Lⱼᵢ for the transpose); every
+    operation is elementwise over the batch and the n columns, so shapes broadcast for free.
+    Cost: K²/2 fused multiply-adds per column.
+    """
+    k = rhs.shape[-2]
+    order = range(k - 1, -1, -1) if transpose else range(k)
+    y: dict[int, Array] = {}
+    for i in order:
+        acc = rhs[..., i, :]
+        for j in y:
+            coeff = tril[..., j, i] if transpose else tril[..., i, j]
+            acc = acc - coeff[..., None] * y[j]
+        y[i] = acc / tril[..., i, i][..., None]
+    return jnp.stack([y[i] for i in range(k)], axis=-2)
 
 
 def solve_lower(tril: Array, rhs: Array, transpose: bool = False) -> Array:
@@ -66,28 +114,23 @@ def solve_lower(tril: Array, rhs: Array, transpose: bool = False) -> Array:
 
     ``rhs`` is … × K × n.
 
-    Batch shapes broadcast like NumPy's. Batch axes along which ``tril`` is broadcast (a factor
-    shared by many right-hand sides) are folded into the columns of ``rhs``, so the shared factor
-    is used by one triangular solve (BLAS ``trsm``) and never copied per batch element.
-    Cost: O(K² n) per right-hand-side block, O(K² n B) in all.
+    Batch shapes broadcast like NumPy's. A factor shared by a batch of right-hand sides (its batch
+    shape smaller than the broadcast one) is inverted once (one triangular solve against I,
+    O(K³/3)) and applied by a broadcasting matmul, never copied per batch element. Small K is
+    solved by unrolled substitution. Cost: O(K² n) per right-hand side.
     """
     batch = lax.broadcast_shapes(tril.shape[:-2], rhs.shape[:-2])
-    nb = len(batch)
-    k, n = rhs.shape[-2:]
-    l_batch = (1,) * (nb - (tril.ndim - 2)) + tril.shape[:-2]
-    fold = [i for i in range(nb) if l_batch[i] == 1 and batch[i] != 1]
-    keep = [i for i in range(nb) if i not in fold]
-    rhs = jnp.broadcast_to(rhs, (*batch, k, n))
-    if not fold:
+    k = rhs.shape[-2]
+    shared = math.prod(tril.shape[:-2]) < math.prod(batch)
+    if k <= _UNROLL_SHARED_MAX_K or (k <= _UNROLL_MAX_K and not shared):
+        return _solve_unrolled(tril, rhs, transpose)
+    if not shared:
         tril = jnp.broadcast_to(tril, (*batch, k, k))
+        rhs = jnp.broadcast_to(rhs, (*batch, *rhs.shape[-2:]))
         return solve_triangular(tril, rhs, lower=True, trans=int(transpose))
-    keep_shape = tuple(batch[i] for i in keep)
-    fold_shape = tuple(batch[i] for i in fold)
-    # rhs: keep…, K, fold…, n  ->  keep…, K, (fold… n)
-    perm = [*keep, nb, *fold, nb + 1]
-    x = jnp.transpose(rhs, perm).reshape((*keep_shape, k, -1))
-    lt = jnp.reshape(tril, (*tuple(l_batch[i] for i in keep), k, k))
-    lt = jnp.broadcast_to(lt, (*keep_shape, k, k))
-    y = solve_triangular(lt, x, lower=True, trans=int(transpose))
-    y = y.reshape((*keep_shape, k, *fold_shape, n))
-    return jnp.transpose(y, np.argsort(perm))
+    # A factor shared along some batch axes: invert it once (one solve against I) and apply it
+    # with a broadcasting matmul, which neither copies the factor nor the right-hand sides.
+    inv = solve_triangular(
+        tril, jnp.broadcast_to(jnp.eye(k, dtype=tril.dtype), tril.shape), lower=True
+    )
+    return jnp.matmul(jnp.swapaxes(inv, -1, -2) if transpose else inv, rhs)

@@ -144,8 +144,15 @@ def test_reference_is_stable():
     np.testing.assert_allclose(stable_reference(mp, lp, mq, lq), textbook, rtol=1e-12)
 
 
+# every structure on each side, against a full and a diagonal partner
+DTYPE_PAIRS = sorted(
+    {(s, t) for s in STRUCTURES for t in ("scale_tril", "lowrank1")}
+    | {(t, s) for s in STRUCTURES for t in ("diag", "lowrank3")}
+)
+
+
 @pytest.mark.parametrize("k", [1, 3])
-@pytest.mark.parametrize(("sp", "sq"), list(itertools.product(STRUCTURES, STRUCTURES)))
+@pytest.mark.parametrize(("sp", "sq"), DTYPE_PAIRS)
 def test_float32_in_float32_out(sp, sq, k):
     """float32 parameters give a float32 KL even with jax_enable_x64 on (as in this session).
 

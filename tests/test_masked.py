@@ -169,16 +169,10 @@ def test_masked_out_mvn_q_with_scalar_scale_diag_p():
 
 
 # --------------------------------------------------------------------------------------------
-# known bugs
+# import order
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="numpyro_gkl bug: kl._LOG_2PI = float(jnp.log(2 * jnp.pi)) is evaluated in float32 "
-    "when numpyro_gkl is imported before jax_enable_x64 is set, so masked diagonal results are "
-    "off by ~5e-8 in float64",
-)
 def test_log_2pi_does_not_depend_on_import_order():
     code = textwrap.dedent(
         """

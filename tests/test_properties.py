@@ -13,6 +13,7 @@ from conftest import (
     assert_close,
     build,
     built_kl,
+    dense_cov,
     make_dist,
     random_params,
 )
@@ -20,13 +21,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from numpyro.distributions.kl import kl_divergence
 
-# A few event sizes and batch shapes only: every new shape costs JAX compilations of its own
-# (eager op-by-op), so the properties draw from the shapes the rest of the suite uses.
+# A few event sizes only: every new shape costs JAX compilations of its own (eager op-by-op),
+# so the properties draw from the shapes the rest of the suite uses.
 seeds = st.integers(0, 2**32 - 1)
 dims = st.sampled_from([1, 3, 7])
 structures = st.sampled_from(STRUCTURES)
 dtypes = st.sampled_from([np.float32, np.float64])
-batch_shapes = st.sampled_from([(), (5,)])
 
 
 def _kl(p, q) -> np.ndarray:
@@ -39,16 +39,15 @@ def _kl(p, q) -> np.ndarray:
 
 
 @settings(max_examples=30)
-@given(sp=structures, sq=structures, k=dims, seed=seeds, dtype=dtypes, batch=st.just(()))
-def test_nonnegative_random_pairs(sp, sq, k, seed, dtype, batch):
+@given(sp=structures, sq=structures, k=dims, seed=seeds)
+def test_nonnegative_random_pairs(sp, sq, k, seed):
+    """float64 (float32 non-negativity near p = q is checked below, where it is hardest)."""
     rng = np.random.default_rng(seed)
-    p = build(sp, random_params(rng, sp, k, batch), dtype)
-    q = build(sq, random_params(rng, sq, k, batch), dtype)
+    p = build(sp, random_params(rng, sp, k))
+    q = build(sq, random_params(rng, sq, k))
     kl = _kl(p.dist, q.dist)
-    assert kl.shape == batch
-    assert np.all(kl >= 0), kl
-    if dtype == np.float64:
-        assert_close(kl, built_kl(p, q), rtol=1e-9)
+    assert kl >= 0, kl
+    assert_close(kl, built_kl(p, q), rtol=1e-9)
 
 
 def _same_gaussian_forms(rng, k: int, kind: str) -> list[tuple[str, dict]]:
@@ -89,7 +88,9 @@ _FORM_PAIRS = [(a, b) for a in _FORMS for b in _FORMS]
 
 
 @settings(max_examples=12)
-@given(k=dims, seed=seeds, dtype=dtypes, kind=st.sampled_from(["diag", "lowrank"]))
+@given(
+    k=st.sampled_from([1, 3]), seed=seeds, dtype=dtypes, kind=st.sampled_from(["diag", "lowrank"])
+)
 def test_nonnegative_same_gaussian_in_other_structures(k, seed, dtype, kind):
     """KL between one Gaussian written two ways is rounding-sized, and still >= 0."""
     tol = k * (1e-12 if dtype == np.float64 else 1e-5)
@@ -105,9 +106,9 @@ def test_nonnegative_same_gaussian_in_other_structures(k, seed, dtype, kind):
 @pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
 @pytest.mark.parametrize("structure", STRUCTURES)
 @settings(max_examples=8)
-@given(k=st.sampled_from([1, 3]), seed=seeds, batch=batch_shapes)
-def test_self_kl_is_exactly_zero(structure, dtype, k, seed, batch):
-    params = random_params(np.random.default_rng(seed), structure, k, batch)
+@given(k=st.sampled_from([1, 3]), seed=seeds)
+def test_self_kl_is_exactly_zero(structure, dtype, k, seed):
+    params = random_params(np.random.default_rng(seed), structure, k)
     p = build(structure, params, dtype).dist
     assert np.all(_kl(p, p) == 0.0)
     # a second, separately constructed copy
@@ -199,10 +200,10 @@ def test_affine_transform_helper_is_right():
                 continue
             params = random_params(rng, s, 4)
             a, b = _random_map(rng, 4, kind), rng.normal(size=4)
-            t = build(s, transform(s, params, a, b))
-            ref = build(s, params)
-            np.testing.assert_allclose(t.loc, a @ ref.loc + b, rtol=1e-12)
-            np.testing.assert_allclose(t.cov, a @ ref.cov @ a.T, rtol=1e-10, atol=1e-12)
+            t = transform(s, params, a, b)
+            np.testing.assert_allclose(t["loc"], a @ params["loc"] + b, rtol=1e-12)
+            cov = dense_cov(s, params)
+            np.testing.assert_allclose(dense_cov(s, t), a @ cov @ a.T, rtol=1e-10, atol=1e-12)
 
 
 # --------------------------------------------------------------------------------------------
@@ -223,14 +224,9 @@ def block_join(structure: str, first: dict, second: dict) -> dict:
     return out
 
 
-@given(
-    sp=structures,
-    sq=structures,
-    k1=st.sampled_from([1, 3]),
-    k2=st.sampled_from([1, 3]),
-    seed=seeds,
-)
-def test_additivity_over_independent_blocks(sp, sq, k1, k2, seed):
+@given(sp=structures, sq=structures, k1=st.sampled_from([1, 2]), seed=seeds)
+def test_additivity_over_independent_blocks(sp, sq, k1, seed):
+    k2 = 3 - k1  # blocks of 1 + 2 dimensions: the joint has the suite's usual K = 3
     rng = np.random.default_rng(seed)
     p1, p2 = random_params(rng, sp, k1), random_params(rng, sp, k2)
     q1, q2 = random_params(rng, sq, k1), random_params(rng, sq, k2)
@@ -243,9 +239,9 @@ def test_block_join_helper_is_block_diagonal():
     rng = np.random.default_rng(1)
     for s in STRUCTURES:
         a, b = random_params(rng, s, 2), random_params(rng, s, 3)
-        joint = build(s, block_join(s, a, b)).cov
+        joint = dense_cov(s, block_join(s, a, b))
         np.testing.assert_allclose(
-            joint, scipy.linalg.block_diag(build(s, a).cov, build(s, b).cov), atol=1e-12
+            joint, scipy.linalg.block_diag(dense_cov(s, a), dense_cov(s, b)), atol=1e-12
         )
         if s in LOWRANK:
             assert block_join(s, a, b)["cov_factor"].shape[-1] == 2 * a["cov_factor"].shape[-1]

@@ -163,7 +163,7 @@ def test_independent_expanded_to_batch(sq):
 
 BATCHES = [((3, 1), (4,))]
 # a shared q (batch ()) against batched p's and vice versa; every pair also meets an expanded,
-# unbatched partner in test_expanded_batch below
+# unbatched partner in test_expanded_batch above
 SHARED = [((5,), ()), ((), (5,))]
 SHARED_PAIRS = [
     (a, b)
@@ -171,12 +171,16 @@ SHARED_PAIRS = [
     for b in ("diag", "precision_matrix", "lowrank1")
 ]
 # more layouts (shared factors folded into a solve, extra leading axes) for a few pairs
-MORE_BATCHES = [((4,), (3, 1)), ((2, 1, 3), (4, 1)), ((2, 3), (1, 3))]
-MORE_PAIRS = [("scale_tril", "scale_tril"), ("diag", "scale_tril"), ("lowrank1", "lowrank3")]
+MORE_CASES = [
+    ("scale_tril", "scale_tril", (4,), (3, 1)),
+    ("scale_tril", "scale_tril", (2, 1, 3), (4, 1)),
+    ("diag", "scale_tril", (4,), (3, 1)),
+    ("lowrank1", "lowrank3", (2, 3), (1, 3)),
+]
 BROADCAST_CASES = [
     *((*pair, *b) for pair in PAIRS for b in BATCHES),
     *((*pair, *b) for pair in SHARED_PAIRS for b in SHARED),
-    *((*pair, *b) for pair in MORE_PAIRS for b in MORE_BATCHES),
+    *MORE_CASES,
 ]
 
 
