@@ -300,7 +300,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for pk, qk in PAIRS:
         print(f"{pk}–{qk}", file=sys.stderr, flush=True)
         results[(pk, qk)] = measure_pair(pk, qk, ks, eps_grid)
-    print(machine_line(f"float32 inputs, K ∈ {set(ks)}, {DRAWS} draws per (K, ε)"))
+    k_list = ", ".join(map(str, ks))
+    print(machine_line(f"float32 inputs, K ∈ {{{k_list}}}, {DRAWS} draws per (K, ε)"))
     print()
     header = [
         "p–q",

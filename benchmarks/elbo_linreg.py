@@ -7,7 +7,9 @@ script records the relative errors; the table gives medians over seeds of the fi
 the error's step-to-step noise over the last quarter of the run, and of the first step after which
 both errors stay below ``--tol``.
 
-    python benchmarks/elbo_linreg.py [--seeds 5] [--steps 4000] [--quick] [--markdown]
+    python benchmarks/elbo_linreg.py [--k 10] [--n 5] [--seeds 3] [--steps 6000] [--markdown]
+
+The defaults are a prior-dominated problem (K > N), where the closed form matters most.
 """
 
 from __future__ import annotations
@@ -54,13 +56,13 @@ def settle_step(err: np.ndarray, tol: float, every: int) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--k", type=int, default=5)
-    parser.add_argument("--n", type=int, default=100)
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--k", type=int, default=10)
+    parser.add_argument("--n", type=int, default=5)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--every", type=int, default=50)
     parser.add_argument("--lr", type=float, default=0.01)
-    parser.add_argument("--tol", type=float, default=0.05)
+    parser.add_argument("--tol", type=float, default=0.15)
     parser.add_argument("--quick", action="store_true", help="2 seeds, 1500 steps")
     parser.add_argument("--markdown", action="store_true")
     args = parser.parse_args()
