@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import pathlib
+import subprocess
+import sys
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -47,6 +49,18 @@ STRUCTURES = (
 )
 FULL = ("scale_tril", "covariance_matrix", "precision_matrix")
 LOWRANK = ("lowrank1", "lowrank3")
+
+
+def run_python(code: str) -> subprocess.CompletedProcess:
+    """Runs ``code`` in a fresh interpreter that imports this checkout of numpyro_gkl."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env=subprocess_env(),
+    )
 
 
 def subprocess_env() -> dict:

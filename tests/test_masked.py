@@ -9,8 +9,6 @@ per coordinate for a mask inside ``Independent``).
 from __future__ import annotations
 
 import math
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -23,7 +21,7 @@ from conftest import (
     dense_kl,
     random_gaussian,
     rng_for,
-    subprocess_env,
+    run_python,
 )
 from numpyro.distributions.kl import kl_divergence
 
@@ -191,12 +189,5 @@ def test_log_2pi_does_not_depend_on_import_order():
         assert abs(got - want) <= 1e-12 * abs(want), (got, want)
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=subprocess_env(),
-    )
+    out = run_python(code)
     assert out.returncode == 0, out.stdout + out.stderr

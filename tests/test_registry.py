@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import importlib
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 import numpyro.distributions as dist
 import pytest
-from conftest import assert_close, dense_kl, subprocess_env
+from conftest import assert_close, dense_kl, run_python
 from numpyro.distributions import (
     Independent,
     LowRankMultivariateNormal,
@@ -157,13 +155,6 @@ def test_fresh_interpreter_import_registers_and_unregister_restores():
         print("OK")
         """
     )
-    out = subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env=subprocess_env(),
-    )
+    out = run_python(code)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "OK"
