@@ -427,7 +427,7 @@ def time_cell(
 # progress is killed and retried in a fresh process, and every stall is reported.
 
 STALL_S = 40.0
-ATTEMPTS = 5
+ATTEMPTS = 4
 
 
 def _worker_main(conn: Any, dtype: str) -> None:
@@ -500,12 +500,12 @@ def run_cell(
             for impl in impls:
                 if impl not in todo:
                     out.ms[impl] = None
-                    out.notes[impl] = "stalled (deadlock) twice; dropped from this cell"
+                    out.notes[impl] = "stalled (deadlock); dropped from this cell"
             return out, stalls
         stalls.append(out)
         print(f"    stalled in {out} (attempt {attempt + 1}); restarting", file=sys.stderr)
-        if stalls.count(out) >= 2 and out in todo and out not in ("ours", "upstream"):
-            todo.remove(out)
+        if out in todo and out not in ("ours", "upstream"):
+            todo.remove(out)  # a peer that stalls once is dropped from the cell
     res = Result({i: None for i in impls}, {"ours": "stalled in every attempt"})
     return res, stalls
 

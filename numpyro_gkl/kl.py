@@ -83,24 +83,39 @@ def _cov_vs_diag(p: Gaussian, sq: Array) -> Array:
     )
 
 
-def _cov_vs_tril(p: Gaussian, lq: Array) -> Array:
-    """f(Σp ‖ Lq Lqᵀ). O(K³/3) (once per q for a diagonal p), plus O(K² r) for a low-rank p."""
-    if isinstance(p, Tril):
-        # M − I = Lq⁻¹(Lp − Lq): off-diagonals from the (exact) difference keep their digits.
-        m = solve_lower(lq, jnp.tril(p.scale_tril - lq))
-        return _diag_terms(_diag(p.scale_tril), _diag(lq)) + strict_lower_sq_sum(m)
-    sp = p.scale if isinstance(p, Diagonal) else jnp.sqrt(p.cov_diag)
-    # M = Lq⁻¹ diag(sp): its strict lower part needs the column norms of Lq⁻¹, one solve per q.
+def _vs_tril(p: Gaussian, lq: Array, delta: Array) -> tuple[Array, Array]:
+    """f(Σp ‖ Lq Lqᵀ) and δᵀΣq⁻¹δ with one triangular solve per call.
+
+    Full p: Lq⁻¹ [Lp − Lq | δ] in one solve, O(K³/3) (M − I = Lq⁻¹(Lp − Lq): the off-diagonals
+    come from the exact difference and keep their digits). Diagonal or low-rank p: Lq⁻¹ once per
+    q, O(K³/3), then column norms and matmuls, O(K²) (O(K² r) low rank) per p. One solve, not two:
+    two independent batched solves in one program can deadlock XLA's CPU thread pool (jaxlib 0.10).
+    """
     k = lq.shape[-1]
+    if isinstance(p, Tril):
+        diff = jnp.tril(p.scale_tril - lq)
+        batch = jnp.broadcast_shapes(diff.shape[:-2], delta.shape[:-1])
+        rhs = jnp.concatenate(
+            [
+                jnp.broadcast_to(diff, (*batch, k, k)),
+                jnp.broadcast_to(delta[..., None], (*batch, k, 1)),
+            ],
+            axis=-1,
+        )
+        y = solve_lower(lq, rhs)
+        f = _diag_terms(_diag(p.scale_tril), _diag(lq)) + strict_lower_sq_sum(y[..., :k])
+        return f, jnp.sum(jnp.square(y[..., k]), -1)
+    sp = p.scale if isinstance(p, Diagonal) else jnp.sqrt(p.cov_diag)
+    # M = Lq⁻¹ diag(sp): its strict lower part needs the column norms of Lq⁻¹.
     lq_inv = solve_lower(lq, jnp.eye(k, dtype=lq.dtype))
     col = jnp.sum(jnp.square(jnp.tril(lq_inv, -1)), -2)
     f = _diag_terms(sp, _diag(lq)) + jnp.sum(jnp.square(sp) * col, -1)
     if isinstance(p, LowRank):
         # Mixes a Cholesky with a low-rank factor: rounding can leave f a hair below its bound 0.
         lp = p.capacitance_tril()
-        f = f + _sq_norm(solve_lower(lq, p.cov_factor)) - 2.0 * jnp.sum(jnp.log(_diag(lp)), -1)
+        f = f + _sq_norm(lq_inv @ p.cov_factor) - 2.0 * jnp.sum(jnp.log(_diag(lp)), -1)
         f = jnp.maximum(f, 0.0)
-    return f
+    return f, _sq_norm(lq_inv @ delta[..., None])
 
 
 def _sandwich(lc: Array, x: Array) -> Array:
@@ -183,15 +198,13 @@ def _cov_vs_lowrank(p: Gaussian, q: LowRank) -> Array:
     y = q.cov_factor / q.cov_diag[..., None]  # Dq⁻¹ Wq
     correction = _sq_norm(solve_lower(lc, jnp.swapaxes(y, -1, -2) @ p.scale_tril))
     f = _cov_vs_diag(p, jnp.sqrt(q.cov_diag)) + 2.0 * jnp.sum(jnp.log(_diag(lc)), -1) - correction
-    return jnp.maximum(f, 0.0)  # as in _cov_vs_tril: rounding can leave f a hair below 0
+    return jnp.maximum(f, 0.0)  # as in _vs_tril: rounding can leave f a hair below 0
 
 
 def _mahalanobis(delta: Array, q: Gaussian) -> Array:
-    """δᵀ Σq⁻¹ δ. O(K) diagonal, O(K²) full, O(K r) low rank (given the capacitance factor)."""
+    """δᵀ Σq⁻¹ δ for a diagonal (O(K)) or low-rank (O(K r), given the capacitance factor) q."""
     if isinstance(q, Diagonal):
         return jnp.sum(jnp.square(delta / q.scale), -1)
-    if isinstance(q, Tril):
-        return _sq_norm(solve_lower(q.scale_tril, delta[..., None]))
     y = q.cov_factor / q.cov_diag[..., None]
     proj = jnp.swapaxes(y, -1, -2) @ delta[..., None]
     return jnp.sum(jnp.square(delta) / q.cov_diag, -1) - _sq_norm(
@@ -205,13 +218,12 @@ def _unmasked_kl(p: Gaussian, q: Gaussian) -> Array:
         t = 2.0 * log_ratio(p.scale, q.scale)
         z = jnp.square((p.loc - q.loc) / q.scale)
         return _sum_event(0.5 * (expm1_minus_x(t) + z), p)
-    if isinstance(q, Diagonal):
-        f = _cov_vs_diag(p, q.scale)
-    elif isinstance(q, Tril):
-        f = _cov_vs_tril(p, q.scale_tril)
-    else:
-        f = _cov_vs_lowrank(p, q)
-    return 0.5 * (f + _mahalanobis(p.loc - q.loc, q))
+    delta = p.loc - q.loc
+    if isinstance(q, Tril):
+        f, maha = _vs_tril(p, q.scale_tril, delta)
+        return 0.5 * (f + maha)
+    f = _cov_vs_diag(p, q.scale) if isinstance(q, Diagonal) else _cov_vs_lowrank(p, q)
+    return 0.5 * (f + _mahalanobis(delta, q))
 
 
 def _diag_masked_kl(p: Diagonal, q: Diagonal) -> Array:
