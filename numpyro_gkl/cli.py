@@ -1,6 +1,7 @@
 """Command line: ``numpyro-gkl demo`` (also ``python -m numpyro_gkl demo``).
 
-``demo`` builds one nearly identical float32 pair of every supported structure, evaluates KL(p‖q)
+``demo`` builds one float32 pair for every structure pair (p = q perturbed where both share a
+structure), evaluates KL(p‖q)
 with the registered rules and with NumPyro's own rules (where NumPyro has one), and prints each
 one's relative error against a float64 evaluation of the textbook formula on the same inputs.
 """
