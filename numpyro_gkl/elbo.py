@@ -82,8 +82,6 @@ class TraceAnalytic_ELBO(ELBO):
     :param kl: ``"analytic"`` (closed forms where exact) or ``"sampled"`` (``Trace_ELBO``).
     """
 
-    can_infer_discrete = False
-
     def __init__(
         self,
         num_particles: int = 1,
