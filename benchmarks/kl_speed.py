@@ -624,6 +624,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--budget", type=float, default=None, help="seconds of timing rounds per cell"
     )
+    parser.add_argument(
+        "--only", default=None, help="run only the cells whose 'pair K' label contains this"
+    )
     return parser.parse_args(argv)
 
 
@@ -636,6 +639,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     budget = args.budget if args.budget is not None else (0.4 if args.quick else 1.5)
     min_rounds = 3 if args.quick else 5
     cells = build_cells(args.quick)
+    if args.only is not None:
+        cells = [c for c in cells if args.only in f"{c.pair} K={c.k}"]
     results = []
     stall_notes = []
     worker = Worker(args.dtype)

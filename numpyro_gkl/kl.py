@@ -27,7 +27,8 @@ small form: for nearly identical such pairs their float32 error grows like ε/�
 
 Costs per pair, p \\ q (diagonal | full | low rank), r the larger rank:
 - diagonal p: O(K) | O(K³) once per q (column norms of Lq⁻¹), then O(K²) | O(K r² + r³);
-- full p:     O(K²) | O(K³) (one triangular solve with K right-hand sides) | O(K² r);
+- full p:     O(K²) | O(K³) (one triangular solve with K right-hand sides, or a shared Lq⁻¹ and
+  a blocked triangular product of a third of the dense flops) | O(K² r);
 - low-rank p: O(K r² + r³) | O(K³) once per q, then O(K² r) | O(K r² + r³).
 """
 
@@ -40,10 +41,12 @@ from jax import Array
 
 from numpyro_gkl.gaussian import Diagonal, Gaussian, LowRank, Tril, _sum_event, entropy
 from numpyro_gkl.linalg import (
+    SHARED_SOLVE_MIN_K,
     expm1_minus_x,
     log_ratio,
     solve_lower,
     strict_lower_sq_sum,
+    strict_lower_sq_sum_of_product,
     trace_minus_log_det_1p,
     x_minus_log1p,
 )
@@ -87,14 +90,22 @@ def _vs_tril(p: Gaussian, lq: Array, delta: Array) -> tuple[Array, Array]:
     """f(Σp ‖ Lq Lqᵀ) and δᵀΣq⁻¹δ with one triangular solve per call.
 
     Full p: Lq⁻¹ [Lp − Lq | δ] in one solve, O(K³/3) (M − I = Lq⁻¹(Lp − Lq): the off-diagonals
-    come from the exact difference and keep their digits). Diagonal or low-rank p: Lq⁻¹ once per
-    q, O(K³/3), then column norms and matmuls, O(K²) (O(K² r) low rank) per p. One solve, not two:
-    two independent batched solves in one program can deadlock XLA's CPU thread pool (jaxlib 0.10).
+    come from the exact difference and keep their digits); when q's factor is shared by the batch,
+    Lq⁻¹ once and the blocked product Lq⁻¹(Lp − Lq), about K³/3 multiply-adds per p. Diagonal or
+    low-rank p: Lq⁻¹ once per q, O(K³/3), then column norms and matmuls, O(K²) (O(K² r) low rank)
+    per p. One solve, not two: two independent batched solves in one program can deadlock XLA's
+    CPU thread pool (jaxlib 0.10).
     """
     k = lq.shape[-1]
     if isinstance(p, Tril):
         diff = jnp.tril(p.scale_tril - lq)
         batch = jnp.broadcast_shapes(diff.shape[:-2], delta.shape[:-1])
+        f = _diag_terms(_diag(p.scale_tril), _diag(lq))
+        if k > SHARED_SOLVE_MIN_K and math.prod(lq.shape[:-2]) < math.prod(batch):
+            # q's factor shared by the batch: invert it once and multiply blockwise.
+            lq_inv = solve_lower(lq, jnp.eye(k, dtype=lq.dtype))
+            f = f + strict_lower_sq_sum_of_product(lq_inv, diff)
+            return f, _sq_norm(lq_inv @ delta[..., None])
         rhs = jnp.concatenate(
             [
                 jnp.broadcast_to(diff, (*batch, k, k)),
@@ -103,8 +114,7 @@ def _vs_tril(p: Gaussian, lq: Array, delta: Array) -> tuple[Array, Array]:
             axis=-1,
         )
         y = solve_lower(lq, rhs)
-        f = _diag_terms(_diag(p.scale_tril), _diag(lq)) + strict_lower_sq_sum(y[..., :k])
-        return f, jnp.sum(jnp.square(y[..., k]), -1)
+        return f + strict_lower_sq_sum(y[..., :k]), jnp.sum(jnp.square(y[..., k]), -1)
     sp = p.scale if isinstance(p, Diagonal) else jnp.sqrt(p.cov_diag)
     # M = Lq⁻¹ diag(sp): its strict lower part needs the column norms of Lq⁻¹.
     lq_inv = solve_lower(lq, jnp.eye(k, dtype=lq.dtype))

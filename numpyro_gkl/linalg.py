@@ -83,12 +83,38 @@ def strict_lower_sq_sum(m: Array) -> Array:
     return jnp.sum(jnp.square(jnp.tril(m, -1)), axis=(-2, -1))
 
 
+# Blocks of at most this size are multiplied densely by ``strict_lower_sq_sum_of_product``
+# (leaves 8, 16 and 32 measured within noise of each other in the kl_speed.py grid).
+_PRODUCT_LEAF = 8
+
+
+def strict_lower_sq_sum_of_product(a: Array, b: Array) -> Array:
+    """``Σ_{i>j} (AB)ᵢⱼ²`` for lower-triangular A and B (… × K × K, batch shapes broadcast).
+
+    With h = K/2, AB = [[A₁₁B₁₁, 0], [A₂₁B₁₁ + A₂₂B₂₁, A₂₂B₂₂]]: the off-diagonal block is the
+    single dense product A[h:, :] B[:, :h] (a quarter of the dense flops) and the diagonal blocks
+    recurse, so the product costs about a third of the dense 2K³ flops per batch element, forward
+    and backward, and AB is never assembled. A shared A (smaller batch shape) is not copied.
+    """
+    k = a.shape[-1]
+    if k <= _PRODUCT_LEAF:
+        return strict_lower_sq_sum(a @ b)
+    h = k // 2
+    off = a[..., h:, :] @ b[..., :, :h]
+    return (
+        strict_lower_sq_sum_of_product(a[..., :h, :h], b[..., :h, :h])
+        + strict_lower_sq_sum_of_product(a[..., h:, h:], b[..., h:, h:])
+        + jnp.sum(jnp.square(off), axis=(-2, -1))
+    )
+
+
 # Up to these K a substitution written out row by row (elementwise over the batch, fused by XLA)
 # beats XLA's batched triangular solve on CPU, forward and backward. In the kl_speed.py grid it
 # wins at K = 2 in both layouts and at K = 8 only without a shared factor, where one inverse and a
 # matmul win; the thresholds sit between those measured sizes.
 _UNROLL_MAX_K = 8
-_UNROLL_SHARED_MAX_K = 4
+# Above this K a factor shared by a batch is inverted once and applied by matmul.
+SHARED_SOLVE_MIN_K = 4
 
 
 def _solve_unrolled(tril: Array, rhs: Array, transpose: bool) -> Array:
@@ -123,7 +149,7 @@ def solve_lower(tril: Array, rhs: Array, transpose: bool = False) -> Array:
     batch = lax.broadcast_shapes(tril.shape[:-2], rhs.shape[:-2])
     k = rhs.shape[-2]
     shared = math.prod(tril.shape[:-2]) < math.prod(batch)
-    if k <= _UNROLL_SHARED_MAX_K or (k <= _UNROLL_MAX_K and not shared):
+    if k <= SHARED_SOLVE_MIN_K or (k <= _UNROLL_MAX_K and not shared):
         return _solve_unrolled(tril, rhs, transpose)
     if not shared:
         tril = jnp.broadcast_to(tril, (*batch, k, k))

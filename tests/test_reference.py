@@ -199,3 +199,15 @@ def test_batch_broadcasting(sp, sq, bp, bq):
     for idx in np.ndindex(*shape):
         expected = dense_kl(pl[idx], pc[idx], ql[idx], qc[idx])
         assert_close(kl[idx], expected, rtol=RTOL, what=str(idx))
+
+
+@pytest.mark.parametrize("k", [9, 21, 40])
+def test_shared_full_q_blocked_product(k):
+    """Full p's against one shared full q at K where the blocked triangular product recurses."""
+    rng = rng_for("shared-blocked", k)
+    p = random_gaussian(rng, "scale_tril", k, (3,))
+    q = random_gaussian(rng, "covariance_matrix", k, ())
+    kl = np.asarray(kl_divergence(p.dist, q.dist))
+    for i in range(3):
+        expected = dense_kl(p.loc[i], p.cov[i], q.loc, q.cov)
+        assert_close(kl[i], expected, rtol=RTOL, what=f"element {i}")
