@@ -84,3 +84,49 @@ def scale_model(y: Array = EIGHT_SCHOOLS_Y / 10.0) -> None:
     z = numpyro.sample("z", dist.Normal(jnp.zeros(3), 1.0).to_event(1))
     with numpyro.plate("data", y.shape[0]):
         numpyro.sample("y", dist.Normal(gain * z.sum(), s), obs=y)
+
+
+def full_rank_guide(x: Array, y: Array | None = None) -> None:
+    """A hand-written full-rank Gaussian guide for the weights ``w`` of a regression model."""
+    k = x.shape[1]
+    loc = numpyro.param("w_loc", jnp.zeros(k))
+    scale_tril = numpyro.param(
+        "w_scale_tril", 0.1 * jnp.eye(k), constraint=dist.constraints.scaled_unit_lower_cholesky
+    )
+    numpyro.sample("w", dist.MultivariateNormal(loc, scale_tril=scale_tril))
+
+
+def make_vae_data(n: int = 200, d: int = 8, latent: int = 2, seed: int = 0) -> Array:
+    """n points in d dimensions from a random two-layer tanh decoder of ``latent`` Gaussians."""
+    rng = np.random.default_rng(seed)
+    z = rng.normal(size=(n, latent))
+    hidden = np.tanh(z @ rng.normal(size=(latent, 16)))
+    return jnp.asarray(hidden @ rng.normal(size=(16, d)) / 4.0 + 0.1 * rng.normal(size=(n, d)))
+
+
+def _decoder_params(latent: int, d: int, hidden: int = 16) -> tuple[Array, Array, Array]:
+    # a fixed, asymmetric start (no random key needed inside the model)
+    w1 = numpyro.param("dec_w1", jnp.sin(jnp.arange(latent * hidden) + 1.0).reshape(latent, hidden))
+    w2 = numpyro.param("dec_w2", 0.1 * jnp.cos(jnp.arange(hidden * d) + 1.0).reshape(hidden, d))
+    b = numpyro.param("dec_b", jnp.zeros(d))
+    return w1, w2, b
+
+
+def vae_model(x: Array, latent: int = 2) -> None:
+    """VAE-style model: one latent zₙ ~ N(0, I) per data point, xₙ ~ N(tanh(zₙW₁)W₂ + b, 0.1²)."""
+    w1, w2, b = _decoder_params(latent, x.shape[1])
+    with numpyro.plate("data", x.shape[0]):
+        z = numpyro.sample("z", dist.Normal(jnp.zeros(latent), 1.0).to_event(1))
+        numpyro.sample("x", dist.Normal(jnp.tanh(z @ w1) @ w2 + b, 0.1).to_event(1), obs=x)
+
+
+def vae_guide(x: Array, latent: int = 2) -> None:
+    """Amortized diagonal Gaussian encoder q(zₙ | xₙ) = N(xₙA + a, softplus(xₙB + c)²)."""
+    d = x.shape[1]
+    enc_a = numpyro.param("enc_a", jnp.zeros((d, latent)))
+    enc_a0 = numpyro.param("enc_a0", jnp.zeros(latent))
+    enc_b = numpyro.param("enc_b", jnp.zeros((d, latent)))
+    enc_b0 = numpyro.param("enc_b0", jnp.zeros(latent))
+    with numpyro.plate("data", x.shape[0]):
+        scale = jnp.logaddexp(0.0, x @ enc_b + enc_b0)
+        numpyro.sample("z", dist.Normal(x @ enc_a + enc_a0, scale).to_event(1))

@@ -1,0 +1,244 @@
+"""Gradient variance of the KL estimators: sampled, analytic, adaptive and the oracle c.
+
+For each model and guide, at the guide's initialization and at a fitted optimum (``--fit-steps``
+of SVI with the analytic estimator), ``--draws`` independent gradient estimates of each estimator,
+all with ``--particles`` particles and common random numbers (draw i uses the same key for every
+estimator, so the estimators differ only in how they weight the same draws):
+
+- ``sampled``: ``TraceAnalytic_ELBO(kl="sampled")`` (``Trace_ELBO``'s estimator);
+- ``analytic``: ``TraceAnalytic_ELBO(kl="analytic")``;
+- ``adaptive``: ``TraceAnalytic_ELBO(kl="adaptive")`` (per-site coefficients fitted on the other
+  particles of the same step, leave one out);
+- ``oracle``: analytic + Σₛ cₛ (sampled − analytic)ₛ with per-site c fitted on all the row's
+  draws at once (in-sample: the best the per-site family can do, optimistic by construction).
+
+Printed per row: the summed variance (over the elements of the unconstrained parameters, the
+gradient SVI's optimizer gets) with a bootstrap 90% interval (paired
+resamples of the draws), and adaptive / min(sampled, analytic) with its paired interval; then
+per model the median time of one jitted ``SVI.update`` with ``Trace_ELBO`` and with
+``kl="adaptive"`` at the same particle count, and their ratio.
+
+    PYTHONPATH=. python benchmarks/gradient_variance.py [--quick] [--draws 1000] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+from _common import machine_line, render_table
+from jax.flatten_util import ravel_pytree
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from tqdm.auto import tqdm
+
+from numpyro_gkl import TraceAnalytic_ELBO
+from numpyro_gkl.control_variate import combine, fitted_coefficients
+from numpyro_gkl.models import (
+    eight_schools_noncentered,
+    full_rank_guide,
+    logistic_regression,
+    make_classification_data,
+    make_vae_data,
+    vae_guide,
+    vae_model,
+)
+
+ESTIMATORS = ("sampled", "analytic", "adaptive")
+
+
+@dataclass
+class Case:
+    label: str
+    model: Callable
+    make_guide: Callable[[Callable], Callable]
+    data: tuple
+    guide_name: str
+    lr: float = 0.01
+
+
+def cases(quick: bool) -> list[Case]:
+    """The rows of the issue: logistic regressions, a VAE-style model, eight schools."""
+    rows = []
+    sizes = [(50, 20), (10, 500)] if quick else [(50, 20), (10, 500), (200, 50)]
+    for k, n in sizes:
+        data = make_classification_data(n, k)
+        label = f"logistic K={k} N={n}"
+        rows.append(Case(label, logistic_regression, lambda m: full_rank_guide, data, "full rank"))
+        rows.append(Case(label, logistic_regression, AutoMultivariateNormal, data, "AutoMVN"))
+    rows.append(
+        Case(
+            "VAE-style, 200 local z", vae_model, lambda m: vae_guide, (make_vae_data(),), "encoder"
+        )
+    )
+    rows.append(Case("eight schools (nc)", eight_schools_noncentered, AutoNormal, (), "AutoNormal"))
+    rows.append(
+        Case("eight schools (nc)", eight_schools_noncentered, AutoMultivariateNormal, (), "AutoMVN")
+    )
+    return rows
+
+
+def flat(tree) -> jax.Array:
+    return ravel_pytree(tree)[0]
+
+
+def estimator_draws(case: Case, svi: SVI, free, particles: int, draws: int, seed: int):
+    """Per estimator, ``draws`` flattened gradient estimates (draws × P); and the oracle's.
+
+    Gradients are with respect to the unconstrained parameters ``free`` (SVI's optimizer state).
+    """
+    guide, params = svi.guide, svi.constrain_fn(free)
+    keys = jax.random.split(jax.random.PRNGKey(seed), draws)
+    # small chunks: jaxlib 0.10.2 on CPU returned wrong gradients for some vmaps of 400 particles
+    # (the check below caught it; jax 0.12 agrees with the per-draw values)
+    chunk = max(1, min(draws, 10))
+    out = {}
+    for kl in ESTIMATORS:
+        elbo = TraceAnalytic_ELBO(num_particles=particles, kl=kl)
+
+        def grad_of(key, elbo=elbo):
+            g = jax.grad(
+                lambda u: elbo.loss(key, svi.constrain_fn(u), case.model, guide, *case.data)
+            )(free)
+            return flat(g)
+
+        out[kl] = np.asarray(
+            jax.jit(lambda k, f=grad_of: jax.lax.map(f, k, batch_size=chunk))(keys)
+        )
+    # the oracle: the same draws split into the analytic part A and the per-site differences B
+    elbo = TraceAnalytic_ELBO(num_particles=particles)
+
+    def parts(key):
+        _, g, d, _ = elbo.particle_gradients(key, params, case.model, guide, *case.data)
+        a = flat(jax.tree.map(lambda x: jnp.mean(x, 0), g))
+        b = jax.vmap(flat)(jax.tree.map(lambda x: jnp.mean(x, 0), d))
+        return a, b
+
+    a, b = jax.jit(lambda k: jax.lax.map(parts, k, batch_size=chunk))(keys)
+    # loss gradients are of −ELBO: the analytic estimate's gradient must be −A on the same keys
+    np.testing.assert_allclose(
+        out["analytic"], -np.asarray(a), rtol=1e-3, atol=1e-3 * np.abs(a).max()
+    )
+    out["oracle"] = -np.asarray(combine(a, b, fitted_coefficients(a, b)))
+    return out
+
+
+def summed_variance_bootstrap(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Σ_p Var(x[:, p]) under each row of resampling ``weights`` (reps × n, rows sum to 1)."""
+    sq = (x.astype(np.float64) ** 2).sum(1)
+    mean = weights @ x.astype(np.float64)
+    return weights @ sq - (mean**2).sum(1)
+
+
+def step_time(case: Case, guide, elbo, steps: int) -> float:
+    """Median seconds of one jitted SVI.update after compilation."""
+    svi = SVI(case.model, guide, numpyro.optim.Adam(1e-3), elbo)
+    state = svi.init(jax.random.PRNGKey(0), *case.data)
+    update = jax.jit(svi.update)
+    state, loss = update(state, *case.data)
+    jax.block_until_ready(loss)
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            state, loss = update(state, *case.data)
+        jax.block_until_ready(loss)
+        times.append((time.perf_counter() - t0) / steps)
+    return float(np.median(times))
+
+
+def fit(case: Case, guide, particles: int, steps: int) -> dict:
+    """Unconstrained parameters after ``steps`` of Adam on the analytic estimator, and the SVI."""
+    svi = SVI(case.model, guide, numpyro.optim.Adam(case.lr), TraceAnalytic_ELBO(particles))
+    result = svi.run(jax.random.PRNGKey(0), steps, *case.data, progress_bar=False)
+    return svi.optim.get_params(result.state.optim_state), svi
+
+
+def interval(x: np.ndarray, fmt: str = ".3g") -> str:
+    lo, hi = np.percentile(x, [5, 95])
+    return f"[{lo:{fmt}}, {hi:{fmt}}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--draws", type=int, default=1000)
+    parser.add_argument("--particles", type=int, default=4)
+    parser.add_argument("--fit-steps", type=int, default=3000)
+    parser.add_argument("--reps", type=int, default=500, help="bootstrap resamples")
+    parser.add_argument("--quick", action="store_true", help="200 draws, 500 fit steps, fewer rows")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args()
+    draws, fit_steps = (200, 500) if args.quick else (args.draws, args.fit_steps)
+    rng = np.random.default_rng(0)
+    weights = rng.multinomial(draws, np.full(draws, 1.0 / draws), size=args.reps) / draws
+    rows, cost_rows = [], []
+    for case in tqdm(cases(args.quick), desc="models"):
+        guide = case.make_guide(case.model)
+        svi = SVI(case.model, guide, numpyro.optim.Adam(1e-3), Trace_ELBO())
+        state = svi.init(jax.random.PRNGKey(0), *case.data)
+        points = {
+            "init": (svi.optim.get_params(state.optim_state), svi),
+            "optimum": fit(case, guide, args.particles, fit_steps),
+        }
+        for where, (free, fitted) in points.items():
+            g = estimator_draws(case, fitted, free, args.particles, draws, seed=1)
+            boot = {k: summed_variance_bootstrap(v, weights) for k, v in g.items()}
+            var = {k: float(v.var(0).sum()) for k, v in g.items()}
+            best = np.minimum(boot["sampled"], boot["analytic"])
+            ratio = var["adaptive"] / min(var["sampled"], var["analytic"])
+            rows.append(
+                [
+                    case.label,
+                    case.guide_name,
+                    where,
+                    *(f"{var[k]:.3g} {interval(boot[k])}" for k in (*ESTIMATORS, "oracle")),
+                    f"{ratio:.2f} {interval(boot['adaptive'] / best, '.2f')}",
+                ]
+            )
+        steps = 20 if args.quick else 100
+        t_trace = step_time(case, guide, Trace_ELBO(num_particles=args.particles), steps)
+        t_adapt = step_time(
+            case, guide, TraceAnalytic_ELBO(num_particles=args.particles, kl="adaptive"), steps
+        )
+        cost_rows.append(
+            [
+                case.label,
+                case.guide_name,
+                f"{t_trace * 1e3:.3f}",
+                f"{t_adapt * 1e3:.3f}",
+                f"{t_adapt / t_trace:.2f}",
+            ]
+        )
+    print(
+        machine_line(
+            f"{draws} draws per estimator, {args.particles} particles per estimate, optimum after "
+            f"{fit_steps} Adam steps, {args.reps} bootstrap resamples"
+        )
+    )
+    print()
+    header = [
+        "model",
+        "guide",
+        "at",
+        *(f"{k} var [90%]" for k in (*ESTIMATORS, "oracle")),
+        "adaptive / min(sampled, analytic) [90%]",
+    ]
+    print(render_table(header, rows, args.markdown))
+    print()
+    print(
+        render_table(
+            ["model", "guide", "Trace_ELBO ms/step", "adaptive ms/step", "cost ratio"],
+            cost_rows,
+            args.markdown,
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+"""TraceAnalytic_ELBO(kl="adaptive"): leave-one-out coefficients, unbiasedness, variance, SVI.
+
+References: NumPy least squares on the other particles (coefficients), Trace_ELBO's gradient with
+its Monte Carlo standard error (unbiasedness), independent draws of the sampled and analytic
+estimators (variance), the exact conjugate posterior (SVI).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from numpyro.infer import SVI, Trace_ELBO
+from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+
+from numpyro_gkl import TraceAnalytic_ELBO
+from numpyro_gkl.control_variate import combine, fitted_coefficients, loo_coefficients
+from numpyro_gkl.models import (
+    eight_schools_noncentered,
+    full_rank_guide,
+    linear_regression,
+    linear_regression_posterior,
+    logistic_regression,
+    make_classification_data,
+    make_regression_data,
+)
+
+# -- the coefficients ------------------------------------------------------------------------
+
+
+def numpy_loo(g: np.ndarray, e: np.ndarray) -> np.ndarray:
+    """c₋ᵢ from the other particles by the normal equations, written out in float64."""
+    n, s, _ = e.shape
+    out = np.empty((n, s))
+    for i in range(n):
+        others = [j for j in range(n) if j != i]
+        gm = g[others].mean(0)
+        m = sum(e[j] @ e[j].T for j in others)
+        b = sum(e[j] @ (g[j] - gm) for j in others) * (n - 1) / (n - 2)
+        m = m + 1e-6 * np.trace(m) / s * np.eye(s)
+        out[i] = -np.linalg.solve(m, b)
+    return out
+
+
+@given(st.integers(3, 6), st.integers(1, 3), st.integers(0, 2**16))
+def test_loo_coefficients_match_normal_equations(n, s, seed):
+    rng = np.random.default_rng(seed)
+    g = rng.normal(size=(n, 7))
+    e = rng.normal(size=(n, s, 7))
+    np.testing.assert_allclose(
+        loo_coefficients(jnp.asarray(g), jnp.asarray(e)), numpy_loo(g, e), rtol=1e-8, atol=1e-10
+    )
+
+
+def test_loo_coefficient_ignores_its_own_particle():
+    rng = np.random.default_rng(0)
+    g, e = rng.normal(size=(5, 9)), rng.normal(size=(5, 2, 9))
+    c = loo_coefficients(jnp.asarray(g), jnp.asarray(e))
+    g2, e2 = g.copy(), e.copy()
+    g2[2] += 100.0 * rng.normal(size=9)
+    e2[2] *= -3.0
+    c2 = loo_coefficients(jnp.asarray(g2), jnp.asarray(e2))
+    np.testing.assert_allclose(c2[2], c[2], rtol=1e-10)
+    assert not np.allclose(c2[0], c[0])
+
+
+def test_fitted_coefficients_recover_a_known_relation():
+    """g = a − 0.7 d₁ + 0.2 d₂ (a independent of d): the fitted c is (0.7, −0.2)."""
+    rng = np.random.default_rng(1)
+    d = rng.normal(size=(20000, 2, 3))
+    g = rng.normal(size=(20000, 3)) - 0.7 * d[:, 0] + 0.2 * d[:, 1]
+    c = np.asarray(fitted_coefficients(jnp.asarray(g), jnp.asarray(d)))
+    np.testing.assert_allclose(c, [0.7, -0.2], atol=0.02)
+    h = np.asarray(combine(jnp.asarray(g), jnp.asarray(d), jnp.asarray(c)))
+    # what is left is the independent part a, of unit variance (g itself has 1 + 0.49 + 0.04)
+    np.testing.assert_allclose(h.var(0), 1.0, rtol=0.05)
+
+
+def test_needs_three_particles_and_summed_sites():
+    with pytest.raises(ValueError, match="num_particles >= 3"):
+        TraceAnalytic_ELBO(num_particles=2, kl="adaptive")
+    with pytest.raises(ValueError, match="sum_sites=True"):
+        TraceAnalytic_ELBO(num_particles=4, kl="adaptive", sum_sites=False)
+    with pytest.raises(ValueError, match="at least 3"):
+        loo_coefficients(jnp.zeros((2, 3)), jnp.zeros((2, 1, 3)))
+
+
+# -- the estimator ---------------------------------------------------------------------------
+
+
+def gradient_draws(elbo, model, guide, data, n, seed):
+    """``n`` draws of the gradient SVI's optimizer gets (w.r.t. unconstrained parameters)."""
+    svi = SVI(model, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
+    state = svi.init(jax.random.PRNGKey(0), *data)
+    free = svi.optim.get_params(state.optim_state)
+
+    def one(key):
+        g = jax.grad(lambda u: elbo.loss(key, svi.constrain_fn(u), model, guide, *data))(free)
+        return jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)])
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), n)
+    return np.asarray(jax.jit(lambda k: jax.lax.map(one, k, batch_size=10))(keys))
+
+
+CASES = [
+    ("eight schools AutoNormal", eight_schools_noncentered, AutoNormal, ()),
+    ("eight schools AutoMVN", eight_schools_noncentered, AutoMultivariateNormal, ()),
+    (
+        "logistic K=10 N=500 full rank",
+        logistic_regression,
+        lambda m: full_rank_guide,
+        make_classification_data(500, 10),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "model", "make_guide", "data"), CASES, ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_adaptive_is_unbiased(label, model, make_guide, data):
+    """Mean adaptive gradient = Trace_ELBO's mean gradient within 4 standard errors, per element."""
+    guide = make_guide(model)
+    ga = gradient_draws(TraceAnalytic_ELBO(4, kl="adaptive"), model, guide, data, 600, seed=1)
+    gs = gradient_draws(Trace_ELBO(4), model, guide, data, 600, seed=2)
+    se = np.sqrt(ga.var(0) / len(ga) + gs.var(0) / len(gs))
+    z = np.abs(ga.mean(0) - gs.mean(0)) / se
+    assert z.max() < 4.5, f"{label}: worst element {z.max():.1f} standard errors off"
+
+
+@pytest.mark.parametrize(
+    ("label", "model", "make_guide", "data"), CASES, ids=lambda x: x if isinstance(x, str) else ""
+)
+def test_adaptive_variance_not_above_the_better_estimator(label, model, make_guide, data):
+    """Summed variance ≤ 1.1 × min(sampled, analytic) on common random numbers (same keys)."""
+    guide = make_guide(model)
+    var = {
+        kl: gradient_draws(TraceAnalytic_ELBO(4, kl=kl), model, guide, data, 300, seed=3)
+        .var(0)
+        .sum()
+        for kl in ("sampled", "analytic", "adaptive")
+    }
+    assert var["adaptive"] <= 1.1 * min(var["sampled"], var["analytic"]), var
+
+
+def test_adaptive_beats_both_where_the_terms_correlate():
+    """Logistic regression with much data (benchmarks/gradient_variance.py: ratio 0.5 at init)."""
+    data = make_classification_data(500, 10)
+    var = {
+        kl: gradient_draws(
+            TraceAnalytic_ELBO(4, kl=kl), logistic_regression, full_rank_guide, data, 300, seed=4
+        )
+        .var(0)
+        .sum()
+        for kl in ("sampled", "analytic", "adaptive")
+    }
+    assert var["adaptive"] < 0.75 * min(var["sampled"], var["analytic"]), var
+
+
+def test_particle_gradients_average_to_the_analytic_gradient():
+    model, guide = eight_schools_noncentered, AutoMultivariateNormal(eight_schools_noncentered)
+    svi = SVI(model, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
+    free = svi.optim.get_params(svi.init(jax.random.PRNGKey(0)).optim_state)
+    elbo = TraceAnalytic_ELBO(4)
+    key = jax.random.PRNGKey(5)
+    value, g, d, names = elbo.particle_gradients(key, svi.constrain_fn(free), model, guide)
+    assert names == ("mu", "eta")
+    assert value.shape == (4,)
+    loss_grad = jax.grad(lambda u: elbo.loss(key, svi.constrain_fn(u), model, guide))(free)
+    for k in loss_grad:
+        np.testing.assert_allclose(-np.asarray(g[k]).mean(0), loss_grad[k], rtol=1e-4, atol=1e-5)
+        assert d[k].shape == (4, 2, *loss_grad[k].shape)
+
+
+def test_svi_with_adaptive_reaches_the_conjugate_posterior():
+    x, y = make_regression_data(40, 3)
+    guide = AutoMultivariateNormal(linear_regression)
+    svi = SVI(
+        linear_regression,
+        guide,
+        numpyro.optim.Adam(0.02),
+        TraceAnalytic_ELBO(num_particles=4, kl="adaptive"),
+    )
+    result = svi.run(jax.random.PRNGKey(0), 3000, x, y, progress_bar=False)
+    post = guide.get_posterior(result.params)
+    mean, cov = linear_regression_posterior(x, y)
+    np.testing.assert_allclose(np.asarray(post.mean), mean, atol=0.02)
+    np.testing.assert_allclose(np.asarray(post.covariance_matrix), cov, atol=0.01)
+    assert np.all(np.isfinite(result.losses))
