@@ -42,7 +42,10 @@ def numpy_loo(g: np.ndarray, e: np.ndarray) -> np.ndarray:
         m = sum(e[j] @ e[j].T for j in others)
         b = sum(e[j] @ (g[j] - gm) for j in others) * (n - 1) / (n - 2)
         m = m + 1e-6 * np.trace(m) / s * np.eye(s)
-        out[i] = -np.linalg.solve(m, b)
+        # shrinkage by the noise of b: the others' shares r_j and their spread
+        r = np.stack([e[j] @ (g[j] - gm) for j in others])
+        var_b = ((n - 1) / (n - 2)) ** 3 * ((r - r.mean(0)) ** 2).sum(0)
+        out[i] = -np.linalg.solve(m, b) * np.maximum(0.0, 1.0 - var_b / b**2)
     return out
 
 
