@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -106,9 +107,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     p_demo.add_argument("--dim", type=int, default=16)
     p_demo.add_argument("--eps", type=float, default=1e-3)
     p_demo.add_argument("--seed", type=int, default=0)
+    p_report = sub.add_parser(
+        "report", help="run the built-in suite and write DIR/report.html with tables and figures"
+    )
+    p_report.add_argument("--out", type=Path, default=Path("gkl-report"), help="output folder")
+    p_report.add_argument("--quick", action="store_true", help="fewer models, draws and steps")
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.dim, args.eps, args.seed)
+    elif args.command == "report":
+        from numpyro_gkl.report import build_report
+
+        path = build_report(args.out, quick=args.quick)
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":

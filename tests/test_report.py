@@ -1,0 +1,139 @@
+"""``numpyro-gkl report --quick``: every table and figure is in the page, every figure is an image.
+
+Also the diagnostics it is built from: ArviZ data with the estimator as a coordinate, the
+variance ratio against a direct NumPy computation, SVI seeds as chains.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import arviz as az
+import matplotlib.image
+import numpy as np
+import pytest
+from numpyro.infer.autoguide import AutoNormal
+
+from numpyro_gkl import diagnostics as dg
+from numpyro_gkl.models import eight_schools_noncentered
+from numpyro_gkl.report import QUICK_PROBLEMS
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+class _Page(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.tables = 0
+        self.headers: list[str] = []
+        self._in_th = False
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        elif tag == "table":
+            self.tables += 1
+        elif tag == "th":
+            self._in_th = True
+
+    def handle_endtag(self, tag):
+        if tag == "th":
+            self._in_th = False
+
+    def handle_data(self, data):
+        if self._in_th:
+            self.headers.append(data)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report")
+    subprocess.run(
+        [sys.executable, "-m", "numpyro_gkl", "report", "--quick", "--out", str(out)],
+        check=True,
+        timeout=900,
+        capture_output=True,
+    )
+    return out
+
+
+def test_report_has_every_table_and_figure(report):
+    page = _Page()
+    page.feed((report / "report.html").read_text())
+    with_reference = [n for n in QUICK_PROBLEMS if n not in ("sparse_gp", "vae")]
+    expected = {"figures/variance_ratios.png"}
+    expected |= {f"figures/elbo_{n}.png" for n in QUICK_PROBLEMS}
+    expected |= {f"figures/forest_{n}.png" for n in with_reference}
+    assert set(page.images) == expected
+    # ratio table, one ArviZ summary per model with a reference, the speed table
+    assert page.tables == 1 + len(with_reference) + 1
+    assert "analytic / sampled at init" in page.headers
+    assert "NumPyro / ours" in page.headers
+    assert "ess_bulk" in page.headers and "r_hat" in page.headers
+    for src in page.images:
+        data = (report / src).read_bytes()
+        assert data[:8] == PNG_MAGIC, src
+        image = matplotlib.image.imread(report / src)
+        assert image.ndim == 3 and min(image.shape[:2]) > 100, src
+        assert image.std() > 0.01, f"{src} is blank"
+
+
+def test_report_ratios_are_numbers_with_intervals(report):
+    text = (report / "report.html").read_text()
+    cells = re.findall(r"<td>(\d+\.\d\d) \[(\d+\.\d\d), (\d+\.\d\d)\]</td>", text)
+    assert len(cells) == 4 * len(QUICK_PROBLEMS)
+    for mid, low, high in cells:
+        assert float(low) <= float(mid) <= float(high)
+
+
+# -- the diagnostics -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def grads():
+    guide = AutoNormal(eight_schools_noncentered)
+    return dg.gradient_draws(eight_schools_noncentered, guide, num_draws=60, seed=3)
+
+
+def test_gradient_draws_estimator_coordinate(grads):
+    post = grads["posterior"]
+    assert list(post["estimator"].values) == list(dg.ESTIMATORS)
+    assert {"mu_auto_loc", "tau_auto_scale", "eta_auto_loc", "loss"} <= set(post.data_vars)
+    assert post.sizes["draw"] == 60
+    summary = az.summary(grads, var_names=["loss"])
+    assert len(summary) == len(dg.ESTIMATORS)  # one row per estimator
+
+
+def test_variance_ratio_matches_numpy(grads):
+    post = grads["posterior"]
+
+    def summed(estimator):
+        cols = [
+            np.asarray(post[n].sel(estimator=estimator)).reshape(60, -1)
+            for n in post.data_vars
+            if n != "loss"
+        ]
+        return np.concatenate(cols, 1).var(0).sum()
+
+    r = dg.variance_ratio(grads, "analytic", "sampled")
+    assert r["ratio"] == pytest.approx(summed("analytic") / summed("sampled"), rel=1e-6)
+    assert r["low"] <= r["ratio"] <= r["high"]
+
+
+def test_svi_runs_seeds_are_chains():
+    data = dg.svi_runs(
+        eight_schools_noncentered,
+        lambda: AutoNormal(eight_schools_noncentered),
+        seeds=3,
+        steps=50,
+        num_samples=20,
+    )
+    assert data["posterior"]["mu"].shape == (3, 20)
+    assert data["sample_stats"]["elbo"].shape == (3, 50)
+    assert np.all(np.isfinite(np.asarray(data["sample_stats"]["elbo"])))
+    assert "r_hat" in az.summary(data, var_names=["mu"]).columns
