@@ -201,7 +201,7 @@ def summary_table(result: ProblemResult) -> str:
     return _table(header, rows)
 
 
-def _median_ms(fn, *args, reps: int = 15) -> float:
+def _median_ms(fn, *args, reps: int = 40) -> float:
     jax.block_until_ready(fn(*args))
     times = []
     for _ in range(reps):
