@@ -296,6 +296,19 @@ class TraceAnalytic_ELBO(ELBO):
         difference pullbacks carry zero cotangent through the likelihood).
         """
         transforms = self._param_transforms(rng_key, param_map, model, guide, args, kwargs)
+        return self._particle_gradients(rng_key, param_map, transforms, model, guide, args, kwargs)
+
+    def _particle_gradients(
+        self,
+        rng_key: jax.Array,
+        param_map: dict[str, jax.Array],
+        transforms: dict[str, Any],
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+    ) -> tuple[jax.Array, dict, dict, tuple[str, ...]]:
+        """``particle_gradients`` with the param sites' transforms already found."""
         free = {k: t.inv(param_map[k]) for k, t in transforms.items()}
         fixed = {k: v for k, v in param_map.items() if k not in transforms}
         names: list[str] = []
@@ -339,8 +352,10 @@ class TraceAnalytic_ELBO(ELBO):
         unconstrained parameters is exactly ḡ, so SVI's differentiation costs nothing more.
         """
         frozen = jax.lax.stop_gradient(param_map)
-        value, g, d, names = self.particle_gradients(rng_key, frozen, model, guide, *args, **kwargs)
         transforms = self._param_transforms(rng_key, frozen, model, guide, args, kwargs)
+        value, g, d, names = self._particle_gradients(
+            rng_key, frozen, transforms, model, guide, args, kwargs
+        )
         g_flat = jax.vmap(lambda t: ravel_pytree(t)[0])(g)
         _, unravel = ravel_pytree(jax.tree.map(lambda x: x[0], g))
         if names:

@@ -157,6 +157,11 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
+def _ratio_cell(r: dict[str, float]) -> str:
+    """A variance ratio with its interval, as the tables print it: ``0.52 [0.48, 0.58]``."""
+    return f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]"
+
+
 def _table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
@@ -172,7 +177,7 @@ def ratio_table(results: list[ProblemResult]) -> str:
         for where in ("init", "optimum"):
             for estimator in ("analytic", "adaptive"):
                 r = res.ratios[(where, estimator)]
-                cells.append(f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]")
+                cells.append(_ratio_cell(r))
         rows.append(cells)
     header = [
         "model",
@@ -366,7 +371,7 @@ def example_main(names: list[str], argv: list[str] | None = None) -> None:
             cells = [res.problem.name, where]
             for estimator in ("analytic", "adaptive"):
                 r = res.ratios[(where, estimator)]
-                cells.append(f"{r['ratio']:.2f} [{r['low']:.2f}, {r['high']:.2f}]")
+                cells.append(_ratio_cell(r))
             rows.append(cells)
     header = ["model", "at", "analytic / sampled [90%]", "adaptive / sampled [90%]"]
     print(_markdown(header, rows))
