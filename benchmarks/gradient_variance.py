@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 
 from numpyro_gkl import TraceAnalytic_ELBO
 from numpyro_gkl.control_variate import combine, fitted_coefficients
+from numpyro_gkl.diagnostics import bootstrap_weights, summed_variance_resampled
 from numpyro_gkl.models import (
     eight_schools_noncentered,
     full_rank_guide,
@@ -129,13 +130,6 @@ def estimator_draws(case: Case, svi: SVI, free, particles: int, draws: int, seed
     return out
 
 
-def summed_variance_bootstrap(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
-    """Σ_p Var(x[:, p]) under each row of resampling ``weights`` (reps × n, rows sum to 1)."""
-    sq = (x.astype(np.float64) ** 2).sum(1)
-    mean = weights @ x.astype(np.float64)
-    return weights @ sq - (mean**2).sum(1)
-
-
 def step_time(case: Case, guide, elbo, steps: int) -> float:
     """Median seconds of one jitted SVI.update after compilation."""
     svi = SVI(case.model, guide, numpyro.optim.Adam(1e-3), elbo)
@@ -176,8 +170,7 @@ def main() -> None:
     parser.add_argument("--cost-only", action="store_true", help="only the per-step cost table")
     args = parser.parse_args()
     draws, fit_steps = (200, 500) if args.quick else (args.draws, args.fit_steps)
-    rng = np.random.default_rng(0)
-    weights = rng.multinomial(draws, np.full(draws, 1.0 / draws), size=args.reps) / draws
+    weights = bootstrap_weights(draws, args.reps)
     rows, cost_rows = [], []
     for case in tqdm(cases(args.quick), desc="models"):
         guide = case.make_guide(case.model)
@@ -188,7 +181,7 @@ def main() -> None:
             points["optimum"] = fit(case, guide, args.particles, fit_steps)
         for where, (free, fitted) in points.items() if not args.cost_only else ():
             g = estimator_draws(case, fitted, free, args.particles, draws, seed=1)
-            boot = {k: summed_variance_bootstrap(v, weights) for k, v in g.items()}
+            boot = {k: summed_variance_resampled(v, weights) for k, v in g.items()}
             var = {k: float(v.var(0).sum()) for k, v in g.items()}
             best = np.minimum(boot["sampled"], boot["analytic"])
             ratio = var["adaptive"] / min(var["sampled"], var["analytic"])

@@ -103,6 +103,18 @@ def _gradient_matrix(data: Any, estimator: str) -> np.ndarray:
     return np.concatenate(cols, axis=1)
 
 
+def bootstrap_weights(n: int, reps: int, seed: int = 0) -> np.ndarray:
+    """``reps`` multinomial resampling weights over ``n`` draws (reps × n, rows sum to 1)."""
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(n, np.full(n, 1.0 / n), size=reps) / n
+
+
+def summed_variance_resampled(x: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Σ_p Var(x[:, p]) of draws ``x`` (n × P) under each row of ``weights``. Cost: O(reps n P)."""
+    x = x.astype(np.float64)
+    return weights @ (x**2).sum(1) - ((weights @ x) ** 2).sum(1)
+
+
 def variance_ratio(
     data: Any, numerator: str, denominator: str = "sampled", reps: int = 500, seed: int = 0
 ) -> dict[str, float]:
@@ -112,15 +124,8 @@ def variance_ratio(
     ``{"ratio", "low", "high", "numerator", "denominator"}`` (the last two the summed variances).
     """
     a, b = _gradient_matrix(data, numerator), _gradient_matrix(data, denominator)
-    n = a.shape[0]
-    rng = np.random.default_rng(seed)
-    weights = rng.multinomial(n, np.full(n, 1.0 / n), size=reps) / n
-
-    def summed(x):
-        x = x.astype(np.float64)
-        return weights @ (x**2).sum(1) - ((weights @ x) ** 2).sum(1)
-
-    ratios = summed(a) / summed(b)
+    weights = bootstrap_weights(a.shape[0], reps, seed)
+    ratios = summed_variance_resampled(a, weights) / summed_variance_resampled(b, weights)
     va, vb = float(a.var(0).sum()), float(b.var(0).sum())
     low, high = np.percentile(ratios, [5, 95])
     return {
@@ -200,8 +205,10 @@ def nuts_reference(
 
 __all__ = [
     "ESTIMATORS",
+    "bootstrap_weights",
     "gradient_draws",
     "nuts_reference",
+    "summed_variance_resampled",
     "svi_runs",
     "to_arviz",
     "variance_ratio",
