@@ -68,23 +68,28 @@ def gradient_draws(
     the guide's initialization. Draw i of every estimator uses the same random key, so the
     estimators differ only in how they weight the same draws. Group ``posterior``: one variable
     per parameter, dims (chain=1, draw, estimator, …), plus ``loss``. Cost: ``num_draws`` ×
-    ``len(estimators)`` gradient evaluations, mapped in chunks of 10.
+    ``len(estimators)`` gradient evaluations: one compiled program per estimator, run one after
+    another, each mapping over the draws one at a time.
     """
     constrain, free = _unconstrained(model, guide, args, kwargs, params)
     keys = jax.random.split(jax.random.PRNGKey(seed), num_draws)
-    elbos = [_elbo(estimator, num_particles) for estimator in estimators]
 
-    def one(key):
-        def loss_at(u, elbo):
-            return elbo.loss(key, constrain(u), model, guide, *args, **kwargs)
+    def draws_of(elbo):
+        def one(key):
+            def loss_at(u):
+                return elbo.loss(key, constrain(u), model, guide, *args, **kwargs)
 
-        return [jax.value_and_grad(loss_at)(free, elbo) for elbo in elbos]
+            return jax.value_and_grad(loss_at)(free)
 
-    # all estimators in one compiled program
-    out = jax.jit(lambda k: jax.lax.map(one, k, batch_size=10))(keys)
-    per_estimator = [
-        {"loss": np.asarray(loss), **jax.tree.map(np.asarray, grads)} for loss, grads in out
-    ]
+        return jax.jit(lambda k: jax.lax.map(one, k))(keys)
+
+    # One program per estimator, draws not batched: jaxlib 0.10.2 on CPU deadlocks (idle in
+    # BlockUntilReady) when a program runs several independent batched LAPACK calls at once,
+    # as one program of all estimators over chunks of 10 draws did on the VAE.
+    per_estimator = []
+    for estimator in estimators:
+        loss, grads = draws_of(_elbo(estimator, num_particles))
+        per_estimator.append({"loss": np.asarray(loss), **jax.tree.map(np.asarray, grads)})
     variables, dims = {}, {}
     for name in per_estimator[0]:
         stacked = np.stack([d[name] for d in per_estimator], axis=1)  # draw, estimator, ...
@@ -151,7 +156,8 @@ def svi_runs(
 ) -> Any:
     """SVI with one estimator over ``seeds`` seeds, the seeds as ArviZ chains.
 
-    The seeds run as one ``jax.vmap`` of a ``lax.scan`` (one compilation). Group ``posterior``:
+    The seeds run one after another as a ``lax.map`` of a ``lax.scan`` (one compilation; a
+    ``vmap`` over seeds deadlocked jaxlib 0.10.2 on CPU in the VAE). Group ``posterior``:
     ``num_samples`` draws of every latent site from each seed's fitted guide (``Predictive``);
     group ``sample_stats``: ``elbo`` (chain, draw = SVI step), the negated loss trace. Cost:
     ``seeds`` × ``steps`` SVI steps.
@@ -174,7 +180,7 @@ def svi_runs(
         return -losses, {k: v for k, v in draws.items() if not k.startswith("_")}
 
     keys = jax.random.split(jax.random.PRNGKey(0), seeds)
-    elbo, posterior = jax.jit(jax.vmap(one_seed))(keys)
+    elbo, posterior = jax.jit(lambda k: jax.lax.map(one_seed, k))(keys)
     posterior = jax.tree.map(np.asarray, posterior)
     return to_arviz({"posterior": posterior, "sample_stats": {"elbo": np.asarray(elbo)}})
 
