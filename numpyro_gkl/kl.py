@@ -223,8 +223,9 @@ def _diag_vs_lowrank(sp: Array, q: LowRank) -> Array:
 
 
 def _cov_vs_lowrank(p: Gaussian, q: LowRank) -> Array:
-    """f(Σp ‖ Dq + WqWqᵀ). Diagonal or low-rank p: ``_cov_lowrank_pair``, O(K r² + r³). Full p:
-    Woodbury and the determinant lemma, f(Σp‖Dq) + log|Cq| − ‖Lc⁻¹WqᵀDq⁻¹Lp‖², O(K² r)."""
+    """f(Σp ‖ Dq + WqWqᵀ). Diagonal p: ``_diag_vs_lowrank``; low-rank p: ``_cov_lowrank_pair``;
+    both O(K r² + r³). Full p: Woodbury and the determinant lemma,
+    f(Σp‖Dq) + log|Cq| − ‖Lc⁻¹WqᵀDq⁻¹Lp‖², O(K² r), or the exact residual when that is small."""
     if isinstance(p, Diagonal):
         return _diag_vs_lowrank(p.scale, q)
     if isinstance(p, LowRank):
