@@ -34,6 +34,7 @@ from numpyro_gkl.suite import ProblemResult, problems, run_problem
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib import ticker
 
 COLORS = {"sampled": "#1f77b4", "analytic": "#ff7f0e", "adaptive": "#2ca02c", "reference": "k"}
 QUICK_PROBLEMS = (
@@ -50,7 +51,7 @@ QUICK_PROBLEMS = (
 
 def variance_figure(results: list[ProblemResult], path: Path) -> None:
     """Bars of summed gradient variance relative to the sampled estimator, log scale."""
-    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(results) + 2.2), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 0.45 * len(results) + 2.6), sharey=True)
     y = np.arange(len(results))
     for ax, where in zip(axes, ("init", "optimum"), strict=True):
         for k, estimator in enumerate(("analytic", "adaptive")):
@@ -68,12 +69,17 @@ def variance_figure(results: list[ProblemResult], path: Path) -> None:
             )
         ax.axvline(1.0, color=COLORS["sampled"], lw=1.5, label="sampled (Trace_ELBO) = 1")
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
         ax.set_title(f"at the guide's {'initialization' if where == 'init' else 'optimum'}")
         ax.set_xlabel("gradient variance / sampled's (90% interval)")
     axes[0].set_yticks(y, [res.problem.name for res in results], fontsize=8)
     axes[0].invert_yaxis()
-    axes[1].legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
+    # the legend under the panels, where it cannot cover a bar
+    handles, labels = axes[1].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
