@@ -129,7 +129,7 @@ def _vs_tril(p: Gaussian, lq: Array, delta: Array) -> tuple[Array, Array]:
         lp = p.capacitance_tril()
         f = f + _sq_norm(lq_inv @ p.cov_factor) - 2.0 * jnp.sum(jnp.log(_diag(lp)), -1)
         f = _exact_when_close(
-            jnp.maximum(f, 0.0), _exact_lowrank_vs_tril, p.cov_factor, p.cov_diag, lq
+            jnp.maximum(f, 0.0), k, _exact_lowrank_vs_tril, p.cov_factor, p.cov_diag, lq
         )
     return f, _sq_norm(lq_inv @ delta[..., None])
 
@@ -235,7 +235,7 @@ def _cov_vs_lowrank(p: Gaussian, q: LowRank) -> Array:
     correction = _sq_norm(solve_lower(lc, jnp.swapaxes(y, -1, -2) @ p.scale_tril))
     f = _cov_vs_diag(p, jnp.sqrt(q.cov_diag)) + 2.0 * jnp.sum(jnp.log(_diag(lc)), -1) - correction
     return _exact_when_close(
-        jnp.maximum(f, 0.0), _exact_tril_vs_lowrank, p.scale_tril, q.cov_factor, q.cov_diag
+        jnp.maximum(f, 0.0), p.dim, _exact_tril_vs_lowrank, p.scale_tril, q.cov_factor, q.cov_diag
     )
 
 
@@ -245,14 +245,14 @@ def _cov_vs_lowrank(p: Gaussian, q: LowRank) -> Array:
 _EXACT_BELOW = 1e6
 
 
-def _exact_when_close(f: Array, exact: Callable[..., Array], *operands: Array) -> Array:
+def _exact_when_close(f: Array, k: int, exact: Callable[..., Array], *operands: Array) -> Array:
     """``f`` if every entry is above K·eps·_EXACT_BELOW, else ``exact(f, *operands)``.
 
     A ``lax.cond`` on the whole batch, so only one branch runs under ``jit`` (both where the
     predicate is batched, as under ``vmap``); the branches are module-level functions so that
     their traces and compilations are cached across calls.
     """
-    tol = _EXACT_BELOW * operands[0].shape[-2] * jnp.finfo(f.dtype).eps
+    tol = _EXACT_BELOW * k * jnp.finfo(f.dtype).eps
     return lax.cond(jnp.any(f < tol), exact, _cheap, f, *operands)
 
 
