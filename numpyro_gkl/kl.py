@@ -207,17 +207,17 @@ def _diag_vs_lowrank(sp: Array, q: LowRank) -> Array:
     With x = (sp² − Dq)/Dq (``square_minus``: one rounding), V = Dq^-½Wq, G = VᵀV = Lc Lcᵀ − I
     and Z = Lc⁻¹Vᵀ:
 
-      f = Σᵢ h(xᵢ) + h(−Lc⁻¹ G Lc⁻ᵀ) − Σᵢ xᵢ ‖Z₍:,ᵢ₎‖²,   h(X) = tr X − log|I + X|,
+      f = Σᵢ h(xᵢ) + h(−ZZᵀ) − Σᵢ xᵢ ‖Z₍:,ᵢ₎‖²,   h(X) = tr X − log|I + X|,
 
-    the middle term being Σ log(1 + μ) − μ/(1 + μ) ≥ 0 over the eigenvalues μ of G (the factor
-    removed), the last the coupling of the two changes.
+    ZZᵀ = Lc⁻¹GLc⁻ᵀ, the middle term being Σ log(1 + μ) − μ/(1 + μ) ≥ 0 over the eigenvalues μ
+    of G (the factor removed), the last the coupling of the two changes.
     """
     dq = q.cov_diag
     x = square_minus(sp, dq) / dq
     v = q.whitened_factor
     lc = q.capacitance_tril()
     z = solve_lower(lc, jnp.swapaxes(v, -1, -2))
-    removed = trace_minus_log_det_1p(-_sandwich(lc, jnp.swapaxes(v, -1, -2) @ v))
+    removed = trace_minus_log_det_1p(-(z @ jnp.swapaxes(z, -1, -2)))  # Lc⁻¹GLc⁻ᵀ = ZZᵀ
     coupling = jnp.sum(x * jnp.sum(jnp.square(z), -2), -1)
     return jnp.sum(x_minus_log1p(x), -1) + removed - coupling
 
