@@ -51,15 +51,18 @@ FULL = ("scale_tril", "covariance_matrix", "precision_matrix")
 LOWRANK = ("lowrank1", "lowrank3")
 
 
-def run_python(code: str) -> subprocess.CompletedProcess:
-    """Runs ``code`` in a fresh interpreter that imports this checkout of numpyro_gkl."""
+def run_python(
+    code: str, *args: str, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """Runs ``code`` (with ``sys.argv[1:] = args``) in a fresh interpreter that imports this
+    checkout of numpyro_gkl, with the variables ``env`` added to its environment."""
     return subprocess.run(
-        [sys.executable, "-c", code],
+        [sys.executable, "-c", code, *args],
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
-        env=subprocess_env(),
+        env={**subprocess_env(), **(env or {})},
     )
 
 
