@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: machine description and table rendering."""
+"""Helpers shared by the benchmark scripts: machine description, machine rates, tables."""
 
 from __future__ import annotations
 
@@ -6,8 +6,11 @@ import importlib
 import importlib.metadata
 import os
 import platform
+import statistics
 import subprocess
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 PEER_PACKAGES = {
     "jax": "jax",
@@ -75,3 +78,64 @@ def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown:
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*row) for row in rows]
     return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Rates:
+    """What this machine sustains right now, measured under ``jax.jit`` in one dtype.
+
+    ``copy_gbps``: bytes read plus bytes written per second (1e9) by an in-place elementwise
+    pass over an array larger than the caches; ``gflops``: floating-point operations per second
+    (1e9) of a square GEMM (2n³ flops). Both are medians over repeated calls, so they carry the
+    machine's current load.
+    """
+
+    dtype: str
+    copy_gbps: float
+    gflops: float
+
+    def limit_ms(self, nbytes: float, flops: float) -> float:
+        """The roofline bound: the larger of moving ``nbytes`` and doing ``flops``, in ms."""
+        return max(nbytes / (self.copy_gbps * 1e9), flops / (self.gflops * 1e9)) * 1e3
+
+
+def _median_s(call: Callable[[], None], repeats: int) -> float:
+    """Median wall time of ``call()`` in seconds."""
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        call()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def measure_rates(dtype: str, copy_mib: int = 128, gemm_n: int = 1024, repeats: int = 15) -> Rates:
+    """Copy bandwidth (``x * 2`` in place over ``copy_mib`` MiB) and GEMM rate (n × n) in ``dtype``.
+
+    The copy donates its input, so XLA writes into the same, already mapped buffer: a fresh
+    output of that size would measure the kernel's page faults (3–5 GB/s here) instead of the
+    memory. Runs in the calling process's JAX configuration (``float64`` needs x64 enabled); every
+    call is compiled and warmed up first and waited for with ``block_until_ready``.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    item = jnp.dtype(dtype).itemsize
+    buf = [jnp.ones(copy_mib * 2**20 // item, dtype)]
+    nbytes = buf[0].nbytes
+    scale = jax.jit(lambda v: v * 2, donate_argnums=0)
+    a = jax.random.normal(jax.random.PRNGKey(0), (gemm_n, gemm_n), dtype)
+    gemm = jax.jit(jnp.matmul)
+
+    def copy() -> None:
+        buf[0] = jax.block_until_ready(scale(buf[0]))
+
+    def matmul() -> None:
+        jax.block_until_ready(gemm(a, a))
+
+    for _ in range(2):
+        copy()
+        matmul()
+    t_copy = _median_s(copy, repeats)
+    t_gemm = _median_s(matmul, repeats)
+    return Rates(dtype, 2 * nbytes / t_copy / 1e9, 2 * gemm_n**3 / t_gemm / 1e9)

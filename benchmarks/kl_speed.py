@@ -32,11 +32,30 @@ value is checked against the first one's (a note is printed past a loose toleran
 
 Cells run in a child process with a watchdog: jaxlib 0.10.2 on CPU can deadlock (see
 ``Worker``), and a stalled cell is retried in a fresh process and reported.
+
+The limit of a cell (``limit ms``, printed beside each row with ``ours/limit``) is the roofline
+bound max(bytes / copy rate, flops / GEMM rate). Both rates are measured once at the start, in
+the worker and in the run's dtype (``_common.measure_rates``: an in-place elementwise pass over
+128 MiB, whose read plus written bytes give the copy rate, and a 1024² GEMM, 2n³ flops): see
+``cell_flops`` for the flop count of each pair and ``cell_bytes`` for the bytes.
+
+``peak/input`` is the memory of one compiled call relative to its inputs, from XLA's buffer
+assignment (``jax.jit(f).lower(...).compile().memory_analysis()``: arguments + outputs +
+temporaries, over arguments). It is deterministic (no sampling of the process's memory) and an
+upper bound on what is live at once. A gradient is as large as p's parameters, so fwd+grad cells
+start at about 2.
+
+``--plot PATH`` draws the median time against K of every implementation for full vs full (q
+shared: solid, one per guide: dashed) with the limit, fwd and fwd+grad panels, log–log.
+``--json PATH`` saves the run (rates, cells, results) and ``--load PATH`` renders a saved run
+again without timing anything.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import math
 import os
 import statistics
@@ -47,7 +66,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from _common import machine_line, render_table
+from _common import Rates, machine_line, measure_rates, render_table
 
 # K -> batch B, so that the input of a cell is a few MB.
 FULL_GRID = {2: 100_000, 8: 10_000, 32: 1_000, 128: 100, 512: 4, 2048: 1}
@@ -130,6 +149,61 @@ def make_inputs(cell: Cell, dtype: str, seed: int = 0) -> Inputs:
         qb = () if cell.q_shared else (cell.batch,)
         q = (rng.standard_normal((*qb, cell.k)), _random_tril(rng, qb, cell.k))
     return Inputs(tuple(x.astype(dtype) for x in p), tuple(x.astype(dtype) for x in q))
+
+
+# --------------------------------------------------------------------------------------------
+# The limit of a cell: bytes moved and flops done by the pair's cheapest known algorithm
+
+
+def cell_bytes(cell: Cell, inputs: Inputs) -> tuple[int, int]:
+    """Bytes read (every parameter array once) and written (the B KL values; with ``fwd+grad``
+    the summed KL and a gradient as large as p's parameters)."""
+    p_bytes = sum(x.nbytes for x in inputs.p)
+    read = p_bytes + sum(x.nbytes for x in inputs.q)
+    item = inputs.p[0].itemsize
+    written = cell.batch * item if cell.mode == "fwd" else p_bytes + item
+    return read, written
+
+
+def cell_flops(cell: Cell) -> float:
+    """Floating-point operations (a multiply-add is 2) of the pair, forward; ×2 per p with
+    gradients (the backward of each product below is one product of the same shape and cost).
+
+    With T = K³/3 (a triangular solve of a lower-triangular right-hand side, or a product of two
+    lower-triangular matrices, computing only the triangle that is not zero) and B guides:
+
+    - full vs full, q one per guide: B·(T + K²): Lq⁻¹(Lp − Lq) and Lq⁻¹δ per guide;
+    - full vs full, q shared: T + B·(T + 2K²): Lq⁻¹ once, then the triangular product
+      Lq⁻¹(Lp − Lq) and the matrix-vector product Lq⁻¹δ per guide (a third of a dense K × K
+      product, 2K³, would be 2T);
+    - diag vs full, q shared: T + B·(2K² + 4K): Lq⁻¹ and its column norms once, then Lq⁻¹δ and
+      the weighted sum per guide;
+    - full vs N(0, I): B·(K² + 4K): the sum of squares of Lp's triangle, δᵀδ;
+    - lowrank (rank r) vs N(0, I): B·(K r² + r³/3 + 4K r): the Gram matrix WᵀW (symmetric),
+      its Cholesky and the traces.
+
+    The q-only part is not doubled with gradients (they are taken with respect to p only).
+    """
+    k, b, r = cell.k, cell.batch, cell.rank
+    tri = k**3 / 3
+    once = 0.0
+    if cell.p_kind == "full" and cell.q_kind == "full":
+        if cell.q_shared and b > 1:
+            once, per = tri, tri + 2 * k**2
+        else:
+            per = tri + k**2
+    elif cell.p_kind == "diag":
+        once, per = tri, 2 * k**2 + 4 * k
+    elif cell.p_kind == "full":
+        per = k**2 + 4 * k
+    else:
+        per = k * r**2 + r**3 / 3 + 4 * k * r
+    return once + b * per * (1 if cell.mode == "fwd" else 2)
+
+
+def cell_limit_ms(cell: Cell, result: Result, rates: Rates) -> float:
+    """The roofline bound of ``cell`` at the measured ``rates``, in ms."""
+    return rates.limit_ms(result.input_bytes + result.output_bytes, cell_flops(cell))
 
 
 # --------------------------------------------------------------------------------------------
@@ -255,8 +329,11 @@ def _jax_kl_fn(impl: str, cell: Cell, dtype: Any, rules: UpstreamRules) -> Calla
     return kl
 
 
-def _jax_runner(kl: Callable, inputs: Inputs, mode: str) -> tuple[Callable[[], Any], Callable]:
-    """A no-argument call that runs and waits for one evaluation, and its value extractor."""
+def _jax_runner(
+    kl: Callable, inputs: Inputs, mode: str
+) -> tuple[Callable[[], Any], Callable, Callable]:
+    """A no-argument call that runs and waits for one evaluation, its value extractor, and a
+    no-argument function giving the compiled call's peak/input (see the module docstring)."""
     import jax
     import jax.numpy as jnp
 
@@ -277,14 +354,21 @@ def _jax_runner(kl: Callable, inputs: Inputs, mode: str) -> tuple[Callable[[], A
     def call() -> Any:
         return jax.block_until_ready(fn(pp, qp))
 
-    return call, value
+    def peak_ratio() -> float:
+        stats = fn.lower(pp, qp).compile().memory_analysis()
+        args = stats.argument_size_in_bytes
+        return (args + stats.output_size_in_bytes + stats.temp_size_in_bytes) / args
+
+    return call, value, peak_ratio
 
 
 # --------------------------------------------------------------------------------------------
 # PyTorch
 
 
-def _torch_runner(cell: Cell, inputs: Inputs, mode: str) -> tuple[Callable[[], Any], Callable]:
+def _torch_runner(
+    cell: Cell, inputs: Inputs, mode: str
+) -> tuple[Callable[[], Any], Callable, Callable]:
     """PyTorch CPU: ``kl_divergence`` of ``MultivariateNormal``/``LowRankMultivariateNormal``."""
     import torch
     from torch.distributions import LowRankMultivariateNormal, MultivariateNormal, kl_divergence
@@ -314,7 +398,7 @@ def _torch_runner(cell: Cell, inputs: Inputs, mode: str) -> tuple[Callable[[], A
             with torch.no_grad():
                 return kl()
 
-        return call, lambda out: out.numpy()
+        return call, lambda out: out.numpy(), lambda: None
 
     def call_grad() -> Any:
         out = kl()
@@ -322,25 +406,34 @@ def _torch_runner(cell: Cell, inputs: Inputs, mode: str) -> tuple[Callable[[], A
         grads = torch.autograd.grad(total, pp)
         return total.detach(), grads
 
-    return call_grad, lambda out: out[0].numpy()
+    return call_grad, lambda out: out[0].numpy(), lambda: None
 
 
 # --------------------------------------------------------------------------------------------
 # Timing
 
 
+# Implementations whose compiled memory is analysed (``peak/input``).
+MEMORY_IMPLS = ("ours", "upstream")
+
+
 @dataclass
 class Result:
-    """Median ms per implementation (``None`` = skipped) and notes on skips and mismatches."""
+    """Median ms per implementation (``None`` = skipped), notes on skips and mismatches, the
+    cell's input and output bytes, and ``peak/input`` of the compiled call per implementation."""
 
     ms: dict[str, float | None] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    input_bytes: int = 0
+    output_bytes: int = 0
+    peak: dict[str, float] = field(default_factory=dict)
 
 
 def _prepare(
     impl: str, cell: Cell, inputs: Inputs, dtype: Any, rules: UpstreamRules
-) -> tuple[Callable[[], Any], Callable]:
-    """The timed call of ``impl`` on ``cell`` and the function extracting its KL value."""
+) -> tuple[Callable[[], Any], Callable, Callable]:
+    """The timed call of ``impl`` on ``cell``, the function extracting its KL value, and the
+    function giving its peak/input (``None`` where not analysed)."""
     if impl == "torch":
         return _torch_runner(cell, inputs, cell.mode)
     return _jax_runner(_jax_kl_fn(impl, cell, dtype, rules), inputs, cell.mode)
@@ -372,6 +465,7 @@ def time_cell(
 
     result = Result()
     inputs = make_inputs(cell, dtype)
+    result.input_bytes, result.output_bytes = cell_bytes(cell, inputs)
     calls: dict[str, Callable[[], Any]] = {}
     inner: dict[str, int] = {}
     ref_value: np.ndarray | None = None
@@ -379,7 +473,7 @@ def time_cell(
     for impl in impls:
         progress(impl)
         try:
-            call, value = _prepare(impl, cell, inputs, jnp.dtype(dtype), rules)
+            call, value, peak_ratio = _prepare(impl, cell, inputs, jnp.dtype(dtype), rules)
             out = call()  # compile
             out = call()  # warm up
             start = time.perf_counter()
@@ -399,6 +493,8 @@ def time_cell(
             note = _check_values(ref_value, v, dtype, ref_impl)
             if note:
                 result.notes[impl] = note
+        if impl in MEMORY_IMPLS and (peak := peak_ratio()) is not None:
+            result.peak[impl] = peak
         calls[impl] = call
         inner[impl] = max(1, min(200, int(0.02 / max(est, 1e-6))))
     samples: dict[str, list[float]] = {impl: [] for impl in calls}
@@ -438,6 +534,9 @@ def _worker_main(conn: Any, dtype: str) -> None:
         jax.config.update("jax_enable_x64", True)
     rules = UpstreamRules()
     while (msg := conn.recv()) is not None:
+        if msg == "rates":
+            conn.send(("done", measure_rates(dtype)))
+            continue
         cell, impls, budget, min_rounds = msg
         res = time_cell(
             cell, impls, dtype, rules, budget, min_rounds, lambda i: conn.send(("progress", i))
@@ -473,11 +572,22 @@ class Worker:
             self.proc.join(timeout=10)
             self.kill()
 
+    def rates(self) -> Rates:
+        """This machine's copy and GEMM rates, measured in the worker (see ``measure_rates``)."""
+        out = self._request("rates")
+        if not isinstance(out, Rates):
+            raise RuntimeError(f"measuring the machine's rates stalled in {out}")
+        return out
+
     def run(self, cell: Cell, impls: Sequence[str], budget: float, min_rounds: int) -> Any:
         """The cell's ``Result``, or the name of the implementation that stalled."""
+        return self._request((cell, list(impls), budget, min_rounds))
+
+    def _request(self, msg: Any) -> Any:
+        """Sends ``msg`` and waits for the answer; a stall kills the worker and names the stage."""
         if self.proc is None:
             self._start()
-        self.conn.send((cell, list(impls), budget, min_rounds))
+        self.conn.send(msg)
         current = "start-up"
         while self.conn.poll(STALL_S if current != "start-up" else 4 * STALL_S):
             kind, payload = self.conn.recv()
@@ -565,12 +675,23 @@ def _fmt_ratio(r: float | None) -> str:
     return "—" if r is None else f"{r:.2f}×"
 
 
-def table_rows(cells: Sequence[Cell], results: Sequence[Result], peers: Sequence[str]) -> list:
+def _best_peer(res: Result, peers: Sequence[str]) -> float | None:
+    peer_ms = [res.ms[p] for p in peers if res.ms.get(p) is not None]
+    return min(peer_ms) if peer_ms else None
+
+
+def _fmt_peak(r: float | None) -> str:
+    return "—" if r is None else f"{r:.2f}"
+
+
+def table_rows(
+    cells: Sequence[Cell], results: Sequence[Result], peers: Sequence[str], rates: Rates
+) -> list:
     """One row of strings per cell."""
     rows = []
     for cell, res in zip(cells, results, strict=True):
-        peer_ms = [res.ms.get(p) for p in peers if res.ms.get(p) is not None]
-        best = min(peer_ms) if peer_ms else None
+        best = _best_peer(res, peers)
+        limit = cell_limit_ms(cell, res, rates)
         qb = "()" if cell.q_shared else f"({cell.batch},)"
         rows.append(
             [
@@ -582,9 +703,104 @@ def table_rows(cells: Sequence[Cell], results: Sequence[Result], peers: Sequence
                 *(_fmt_ms(res.ms.get(i)) for i in ("ours", "upstream", *peers)),
                 _fmt_ratio(_ratio(res.ms.get("upstream"), res.ms.get("ours"))),
                 _fmt_ratio(_ratio(best, res.ms.get("ours"))),
+                f"{limit:.3g}",
+                _fmt_ratio(_ratio(res.ms.get("ours"), limit)),
+                *(_fmt_peak(res.peak.get(i)) for i in MEMORY_IMPLS),
             ]
         )
     return rows
+
+
+def target_lines(
+    cells: Sequence[Cell], results: Sequence[Result], peers: Sequence[str], rates: Rates
+) -> list[str]:
+    """Issue 6's three targets: cells meeting each, per mode, and the cells that miss."""
+    checks: dict[str, Callable[[Cell, Result], bool | None]] = {
+        "≥ 2× faster than the fastest peer": lambda c, r: (
+            None if (x := _ratio(_best_peer(r, peers), r.ms.get("ours"))) is None else x >= 2.0
+        ),
+        "within 3× of the limit": lambda c, r: (
+            None
+            if (x := _ratio(r.ms.get("ours"), cell_limit_ms(c, r, rates))) is None
+            else x <= 3.0
+        ),
+        "peak memory ≤ 2× the inputs": lambda c, r: (
+            None if "ours" not in r.peak else r.peak["ours"] <= 2.0
+        ),
+    }
+    lines = []
+    for name, check in checks.items():
+        parts, misses = [], []
+        for mode in MODES:
+            outcomes = [
+                (c, check(c, r)) for c, r in zip(cells, results, strict=True) if c.mode == mode
+            ]
+            judged = [(c, ok) for c, ok in outcomes if ok is not None]
+            parts.append(f"{mode} {sum(ok for _, ok in judged)}/{len(judged)}")
+            misses += [
+                f"{c.pair} K={c.k} q {'()' if c.q_shared else 'B'} {mode}"
+                for c, ok in judged
+                if not ok
+            ]
+        shown = "; ".join(misses[:6]) + (f"; … {len(misses) - 6} more" if len(misses) > 6 else "")
+        lines.append(
+            f"Target {name}: {', '.join(parts)} cells meet it"
+            + (f" (missed: {shown})" if misses else "")
+        )
+    return lines
+
+
+def plot_vs_k(
+    path: str, cells: Sequence[Cell], results: Sequence[Result], impls: Sequence[str], rates: Rates
+) -> None:
+    """Median time against K, full vs full, one panel per mode (log–log); the limit in black."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(MODES), figsize=(11, 4.2), sharey=True)
+    colors = dict(zip(impls, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
+    for ax, mode in zip(axes, MODES, strict=True):
+        for shared, style in ((True, "-"), (False, "--")):
+            sel = [
+                (c, r)
+                for c, r in zip(cells, results, strict=True)
+                if c.mode == mode and c.q_shared == shared and c.p_kind == c.q_kind == "full"
+            ]
+            ks = [c.k for c, _ in sel]
+            for impl in impls:
+                pts = [(c.k, r.ms[impl]) for c, r in sel if r.ms.get(impl) is not None]
+                if pts:
+                    ax.plot(
+                        *zip(*pts, strict=True),
+                        style,
+                        marker="o",
+                        ms=3,
+                        color=colors[impl],
+                        label=impl if shared else None,
+                    )
+            ax.plot(
+                ks,
+                [cell_limit_ms(c, r, rates) for c, r in sel],
+                style,
+                color="black",
+                lw=1,
+                label="limit" if shared else None,
+            )
+        ax.set(xscale="log", yscale="log", xlabel="K (batch B shrinks with K)", title=mode)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("median ms per call")
+    fig.legend(
+        *axes[0].get_legend_handles_labels(),
+        loc="center right",
+        title="solid: q shared\ndashed: q per guide",
+        fontsize=8,
+        title_fontsize=8,
+    )
+    fig.suptitle(f"KL(full ‖ full), {rates.dtype}, CPU; B = {dict(FULL_GRID)}", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 0.86, 1))
+    fig.savefig(path, dpi=120)
 
 
 def geomean_lines(cells: Sequence[Cell], results: Sequence[Result]) -> list[str]:
@@ -616,6 +832,26 @@ def note_lines(cells: Sequence[Cell], results: Sequence[Result]) -> list[str]:
     return [f"{msg} ({len(where)} cells, e.g. {where[0]})" for msg, where in seen.items()]
 
 
+def save_run(path: str, run: dict[str, Any]) -> None:
+    """Writes a run (see ``load_run``) as JSON."""
+    data = dict(run)
+    data["rates"] = dataclasses.asdict(run["rates"])
+    data["cells"] = [dataclasses.asdict(c) for c in run["cells"]]
+    data["results"] = [dataclasses.asdict(r) for r in run["results"]]
+    with open(path, "w") as fh:
+        json.dump(data, fh, indent=1)
+
+
+def load_run(path: str) -> dict[str, Any]:
+    """A run saved by ``save_run``: rates, cells, results, impls, peers and the report's notes."""
+    with open(path) as fh:
+        data = json.load(fh)
+    data["rates"] = Rates(**data["rates"])
+    data["cells"] = [Cell(**c) for c in data["cells"]]
+    data["results"] = [Result(**r) for r in data["results"]]
+    return data
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="a short run (a few cells)")
@@ -627,11 +863,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only", default=None, help="run only the cells whose 'pair K' label contains this"
     )
+    parser.add_argument("--plot", default=None, help="write the time-against-K figure here")
+    parser.add_argument("--json", default=None, help="save the run as JSON here")
+    parser.add_argument("--load", default=None, help="render a run saved with --json; time nothing")
     return parser.parse_args(argv)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    args = parse_args(argv)
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Measures the machine's rates, then every cell; the run as ``save_run`` stores it."""
     import jax
 
     peers, peer_notes = available_peers()
@@ -646,6 +885,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     worker = Worker(args.dtype)
     load_start = os.getloadavg()[0]
     t_start = time.perf_counter()
+    rates = worker.rates()
+    print(
+        f"rates: copy {rates.copy_gbps:.1f} GB/s, GEMM {rates.gflops:.0f} GFLOP/s ({rates.dtype})",
+        file=sys.stderr,
+    )
     for i, cell in enumerate(cells):
         print(
             f"[{i + 1}/{len(cells)}] {cell.pair} K={cell.k} B={cell.batch} "
@@ -660,37 +904,67 @@ def main(argv: Sequence[str] | None = None) -> None:
             stall_notes.append(f"stalled (hung, process restarted) in {', '.join(stalls)}: {where}")
     worker.close()
     elapsed = time.perf_counter() - t_start
+    machine = machine_line(
+        f"dtype {args.dtype}, JAX backend {jax.default_backend()}, load average "
+        f"{load_start:.1f} at the start, run took {elapsed:.0f} s"
+    )
+    return {
+        "machine": machine,
+        "rates": rates,
+        "cells": cells,
+        "results": results,
+        "impls": impls,
+        "peers": peers,
+        "notes": peer_notes + stall_notes,
+    }
+
+
+def report(run: dict[str, Any], markdown: bool) -> None:
+    """Prints the machine, the rates, the table, the targets and the notes of ``run``."""
+    rates, cells, results = run["rates"], run["cells"], run["results"]
+    impls, peers = run["impls"], run["peers"]
     header = [
         "pair",
         "K",
         "B",
         "q batch",
         "mode",
-        "ours ms",
-        "upstream ms",
-        *(f"{p} ms" for p in peers),
+        *(f"{i} ms" for i in impls),
         "upstream/ours",
         "best peer/ours",
+        "limit ms",
+        "ours/limit",
+        *(f"peak/input {i}" for i in MEMORY_IMPLS),
     ]
+    print(run["machine"])
+    print()
     print(
-        machine_line(
-            f"dtype {args.dtype}, JAX backend {jax.default_backend()}, load average "
-            f"{load_start:.1f} at the start, run took {elapsed:.0f} s"
-        )
+        f"Measured rates ({rates.dtype}, jit, median): copy {rates.copy_gbps:.1f} GB/s "
+        f"(read + written), GEMM {rates.gflops:.0f} GFLOP/s (1024²)"
     )
     print()
-    print(render_table(header, table_rows(cells, results, peers), args.markdown))
+    print(render_table(header, table_rows(cells, results, peers, rates), markdown))
     print()
-    for line in geomean_lines(cells, results):
-        print(f"- {line}" if args.markdown else line)
-    for line in peer_notes + note_lines(cells, results) + stall_notes:
-        print(f"- {line}" if args.markdown else line)
-    extra = (
+    lines = target_lines(cells, results, peers, rates) + geomean_lines(cells, results)
+    lines += run["notes"] + note_lines(cells, results)
+    lines.append(
         "Upstream on a pair other than full vs full: both sides rewritten as MultivariateNormal "
-        "(NumPyro has no rule for the pair). Ratios > 1: ours faster."
+        "(NumPyro has no rule for the pair). Ratios > 1: ours faster; ours/limit < 1 would beat "
+        "the bound. peak/input: XLA's buffer assignment, (arguments + outputs + temporaries) / "
+        "arguments."
     )
-    print(f"- {extra}" if args.markdown else extra)
-    print(f"(total {elapsed:.0f} s)", file=sys.stderr)
+    for line in lines:
+        print(f"- {line}" if markdown else line)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    run = load_run(args.load) if args.load else measure(args)
+    if args.json:
+        save_run(args.json, run)
+    report(run, args.markdown)
+    if args.plot:
+        plot_vs_k(args.plot, run["cells"], run["results"], run["impls"], run["rates"])
 
 
 if __name__ == "__main__":

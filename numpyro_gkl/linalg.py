@@ -6,6 +6,7 @@ Everything here is elementwise or a triangular solve; nothing forms a covariance
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import jax.numpy as jnp
 from jax import Array, lax
@@ -134,6 +135,37 @@ def _solve_unrolled(tril: Array, rhs: Array, transpose: bool) -> Array:
             acc = acc - coeff[..., None] * y[j]
         y[i] = acc / tril[..., i, i][..., None]
     return jnp.stack([y[i] for i in range(k)], axis=-2)
+
+
+def solve_sq_sums_unrolled(tril: Array, a: Array, b: Array, vec: Array) -> tuple[Array, Array]:
+    """``Σ_{i>j} (L⁻¹(A − B))ᵢⱼ²`` and ``‖L⁻¹v‖²`` for lower-triangular L, A, B, unrolled.
+
+    Column j of L⁻¹(A − B) is zero above row j, so its substitution starts at row j: K³/6
+    multiply-adds for the matrix and K²/2 for v, each elementwise over the batch (shapes
+    broadcast) on the entries of the lower triangles. The event axes are moved in front first,
+    so that every entry is a contiguous batch-shaped array (strided entries of … × K × K made
+    XLA copy each one out, 2–4× slower at K = 2 … 4); neither the difference, nor L⁻¹(A − B),
+    nor a stacked right-hand side is assembled. For small K only: the program grows as K³.
+    """
+    k = tril.shape[-1]
+    tril_e, a_e, b_e = (jnp.moveaxis(x, (-2, -1), (0, 1)) for x in (tril, a, b))
+    vec_e = jnp.moveaxis(vec, -1, 0)
+
+    def substitute(entry: Callable[[int], Array], start: int) -> dict[int, Array]:
+        y: dict[int, Array] = {}
+        for i in range(start, k):
+            acc = entry(i)
+            for m, y_m in y.items():
+                acc = acc - tril_e[i, m] * y_m
+            y[i] = acc / tril_e[i, i]
+        return y
+
+    strict: Array | float = 0.0
+    for j in range(k - 1):  # the last column has no strictly lower part
+        y = substitute(lambda i, j=j: a_e[i, j] - b_e[i, j], j)
+        strict = strict + sum(jnp.square(y[i]) for i in range(j + 1, k))
+    y = substitute(lambda i: vec_e[i], 0)
+    return jnp.asarray(strict), sum(jnp.square(v) for v in y.values())
 
 
 def solve_lower(tril: Array, rhs: Array, transpose: bool = False) -> Array:
