@@ -20,11 +20,12 @@ Printed per row: the summed variance (over the elements of the unconstrained par
 gradient SVI's optimizer gets) with a bootstrap 90% interval (paired resamples of the draws), and
 adaptive / min(sampled, analytic) and adaptive-loo / min(sampled, analytic) with their paired
 intervals; then per model the per-step time of a jitted ``SVI.update`` with ``Trace_ELBO``, with
-``kl="adaptive"`` and with ``kl="adaptive-loo"`` at the same particle count (median over
-``--reps-time`` repetitions of ``--steps-time`` steps, the three interleaved), and the ratios.
+``adaptive`` and with ``adaptive-loo`` at the same particle count (median over
+``--reps-time`` repetitions of ``--steps-time`` steps, the three interleaved; CPU time by
+default, ``--scan`` for steps inside one ``lax.scan`` as ``SVI.run`` runs them), and the ratios.
 
     PYTHONPATH=. python benchmarks/gradient_variance.py [--quick] [--draws 1000] [--markdown]
-    PYTHONPATH=. python benchmarks/gradient_variance.py --cost-only [--markdown]
+    PYTHONPATH=. python benchmarks/gradient_variance.py --cost-only [--scan] [--markdown]
 """
 
 from __future__ import annotations
@@ -152,14 +153,18 @@ def estimator_draws(
     return out
 
 
-def step_timers(case: Case, guide, particles: int, clock: str) -> dict[str, Callable[[int], float]]:
-    """Per estimator, a function running ``steps`` jitted ``SVI.update`` calls, returning s/step
-    of ``clock`` (``"cpu"``: this process's CPU time, which other processes on a shared machine
-    disturb far less than ``"wall"``, the elapsed time).
+def step_timers(
+    case: Case, guide, particles: int, steps: int, clock: str, scan: bool
+) -> dict[str, Callable[[], float]]:
+    """Per estimator, a function timing ``steps`` SVI steps and returning seconds per step.
 
     ``Trace_ELBO``, ``kl="adaptive"`` with ``with_adaptive_state(guide)`` (its state in
     ``SVIState.mutable_state``) and ``kl="adaptive"`` with the bare guide (leave one out), all
-    with ``particles`` particles; each compiled and run once before it is timed.
+    with ``particles`` particles. A step is one call of the jitted ``SVI.update``, or with
+    ``scan`` one iteration of a jitted ``lax.scan`` of ``SVI.update`` (as ``SVI.run`` does: no
+    per-call dispatch). ``clock``: ``"cpu"``, this process's CPU time, which other processes on
+    a shared machine disturb far less than ``"wall"``, the elapsed time. Each is compiled and
+    run once before it is timed.
     """
     setups = {
         "Trace_ELBO": (guide, Trace_ELBO(num_particles=particles)),
@@ -170,23 +175,34 @@ def step_timers(case: Case, guide, particles: int, clock: str) -> dict[str, Call
     for name, (run_guide, elbo) in setups.items():
         svi = SVI(case.model, run_guide, numpyro.optim.Adam(1e-3), elbo)
         state = svi.init(jax.random.PRNGKey(0), *case.data)
-        timers[name] = _timer(jax.jit(svi.update), state, case, clock)
+        timers[name] = _timer(svi, state, case, steps, clock, scan)
     return timers
 
 
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
-def _timer(update: Callable, state, case: Case, clock: str) -> Callable[[int], float]:
-    state, loss = update(state, *case.data)
-    jax.block_until_ready(loss)
+def _timer(svi: SVI, state, case: Case, steps: int, clock: str, scan: bool):
+    def one(state, _):
+        return svi.update(state, *case.data)
+
+    if scan:
+        run = jax.jit(lambda state: jax.lax.scan(one, state, None, length=steps))
+    else:
+        update = jax.jit(one)
+
+        def run(state):
+            for _ in range(steps):
+                state, loss = update(state, None)
+            return state, loss
+
+    jax.block_until_ready(run(state))
     now = CLOCKS[clock]
 
-    def timer(steps: int) -> float:
+    def timer() -> float:
         nonlocal state
         t0 = now()
-        for _ in range(steps):
-            state, loss = update(state, *case.data)
+        state, loss = run(state)
         jax.block_until_ready(loss)
         return (now() - t0) / steps
 
@@ -194,14 +210,14 @@ def _timer(update: Callable, state, case: Case, clock: str) -> Callable[[int], f
 
 
 def step_times(
-    case: Case, guide, particles: int, steps: int, reps: int, clock: str
+    case: Case, guide, particles: int, steps: int, reps: int, clock: str, scan: bool
 ) -> dict[str, float]:
     """Median seconds per step of each estimator, repetitions interleaved across estimators."""
-    timers = step_timers(case, guide, particles, clock)
+    timers = step_timers(case, guide, particles, steps, clock, scan)
     times = {name: [] for name in timers}
     for _ in range(reps):
         for name, timer in timers.items():
-            times[name].append(timer(steps))
+            times[name].append(timer())
     return {name: float(np.median(t)) for name, t in times.items()}
 
 
@@ -227,9 +243,11 @@ def main() -> None:
     parser.add_argument("--steps-time", type=int, default=100, help="steps per timing repetition")
     parser.add_argument("--reps-time", type=int, default=15, help="timing repetitions")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="timing clock")
+    parser.add_argument("--scan", action="store_true", help="time steps inside lax.scan")
     parser.add_argument("--quick", action="store_true", help="200 draws, 500 fit steps, fewer rows")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--cost-only", action="store_true", help="only the per-step cost table")
+    parser.add_argument("--variance-only", action="store_true", help="no per-step cost table")
     args = parser.parse_args()
     draws, fit_steps = (200, 500) if args.quick else (args.draws, args.fit_steps)
     time_steps, time_reps = (20, 5) if args.quick else (args.steps_time, args.reps_time)
@@ -261,7 +279,9 @@ def main() -> None:
                     ),
                 ]
             )
-        t = step_times(case, guide, args.particles, time_steps, time_reps, args.clock)
+        if args.variance_only:
+            continue
+        t = step_times(case, guide, args.particles, time_steps, time_reps, args.clock, args.scan)
         cost_rows.append(
             [
                 case.label,
@@ -270,12 +290,18 @@ def main() -> None:
                 *(f"{t[k] / t['Trace_ELBO']:.2f}" for k in adaptive),
             ]
         )
+    unit = "steps in a jitted lax.scan" if args.scan else "jitted SVI.update calls"
+    cost = (
+        ""
+        if args.variance_only
+        else f"; per-step cost: {args.clock} time, median of {time_reps} interleaved repetitions "
+        f"of {time_steps} {unit}"
+    )
     print(
         machine_line(
             f"{draws} draws per estimator, {args.particles} particles per estimate, optimum after "
             f"{fit_steps} Adam steps, adaptive's state warmed by {args.burn_in} steps, "
-            f"{args.reps} bootstrap resamples; per-step cost: {args.clock} time, median of "
-            f"{time_reps} interleaved repetitions of {time_steps} jitted SVI.update steps"
+            f"{args.reps} bootstrap resamples{cost}"
         )
     )
     print()
@@ -291,7 +317,8 @@ def main() -> None:
         print()
     cost_header = ["model", "guide", "Trace_ELBO ms/step", *(f"{k} ms/step" for k in adaptive)]
     cost_header += [f"{k} / Trace_ELBO" for k in adaptive]
-    print(render_table(cost_header, cost_rows, args.markdown))
+    if cost_rows:
+        print(render_table(cost_header, cost_rows, args.markdown))
 
 
 if __name__ == "__main__":
