@@ -154,13 +154,14 @@ def estimator_draws(
 
 
 def step_timers(
-    case: Case, guide, particles: int, steps: int, clock: str, scan: bool
+    case: Case, guide, particles: int, steps: int, clock: str, scan: bool, refresh_every: int = 4
 ) -> dict[str, Callable[[], float]]:
     """Per estimator, a function timing ``steps`` SVI steps and returning seconds per step.
 
     ``Trace_ELBO``, ``kl="adaptive"`` with ``with_adaptive_state(guide)`` (its state in
     ``SVIState.mutable_state``) and ``kl="adaptive"`` with the bare guide (leave one out), all
-    with ``particles`` particles. A step is one call of the jitted ``SVI.update``, or with
+    with ``particles`` particles (the running one refreshing its moments every
+    ``refresh_every``-th step). A step is one call of the jitted ``SVI.update``, or with
     ``scan`` one iteration of a jitted ``lax.scan`` of ``SVI.update`` (as ``SVI.run`` does: no
     per-call dispatch). ``clock``: ``"cpu"``, this process's CPU time, which other processes on
     a shared machine disturb far less than ``"wall"``, the elapsed time. Each is compiled and
@@ -168,7 +169,10 @@ def step_timers(
     """
     setups = {
         "Trace_ELBO": (guide, Trace_ELBO(num_particles=particles)),
-        "adaptive": (with_adaptive_state(guide), TraceAnalytic_ELBO(particles, kl="adaptive")),
+        "adaptive": (
+            with_adaptive_state(guide),
+            TraceAnalytic_ELBO(particles, kl="adaptive", refresh_every=refresh_every),
+        ),
         "adaptive-loo": (guide, TraceAnalytic_ELBO(particles, kl="adaptive")),
     }
     timers = {}
@@ -210,10 +214,10 @@ def _timer(svi: SVI, state, case: Case, steps: int, clock: str, scan: bool):
 
 
 def step_times(
-    case: Case, guide, particles: int, steps: int, reps: int, clock: str, scan: bool
+    case: Case, guide, particles: int, steps: int, reps: int, clock: str, scan: bool, every: int
 ) -> dict[str, float]:
     """Median seconds per step of each estimator, repetitions interleaved across estimators."""
-    timers = step_timers(case, guide, particles, steps, clock, scan)
+    timers = step_timers(case, guide, particles, steps, clock, scan, every)
     times = {name: [] for name in timers}
     for _ in range(reps):
         for name, timer in timers.items():
@@ -244,6 +248,7 @@ def main() -> None:
     parser.add_argument("--reps-time", type=int, default=15, help="timing repetitions")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="timing clock")
     parser.add_argument("--scan", action="store_true", help="time steps inside lax.scan")
+    parser.add_argument("--refresh-every", type=int, default=4, help="adaptive's refresh period")
     parser.add_argument("--quick", action="store_true", help="200 draws, 500 fit steps, fewer rows")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--cost-only", action="store_true", help="only the per-step cost table")
@@ -281,7 +286,16 @@ def main() -> None:
             )
         if args.variance_only:
             continue
-        t = step_times(case, guide, args.particles, time_steps, time_reps, args.clock, args.scan)
+        t = step_times(
+            case,
+            guide,
+            args.particles,
+            time_steps,
+            time_reps,
+            args.clock,
+            args.scan,
+            args.refresh_every,
+        )
         cost_rows.append(
             [
                 case.label,
@@ -295,7 +309,7 @@ def main() -> None:
         ""
         if args.variance_only
         else f"; per-step cost: {args.clock} time, median of {time_reps} interleaved repetitions "
-        f"of {time_steps} {unit}"
+        f"of {time_steps} {unit}, adaptive refreshing every {args.refresh_every} steps"
     )
     print(
         machine_line(

@@ -9,9 +9,9 @@ moments, any ``num_particles``); without it, on the other particles of the same 
 out, ``num_particles >= 3``). See ``docs/adaptive.md``.
 
 The state is one float vector (all zeros at ``SVI.init``, updated only by
-``TraceAnalytic_ELBO``): one array rather than a dict of five costs a jitted ``SVI.update``
-call about 0.6 of an eight-schools step less (measured 1.67 against 1.03 × ``Trace_ELBO`` for a
-state passed through unchanged). ``unpack`` names its parts, for C latent sites
+``TraceAnalytic_ELBO``): every array of the state is an input and an output of each jitted
+``SVI.update`` call, and on a small model a dict of five arrays cost a call visibly more than one
+vector in development measurements. ``unpack`` names its parts, for C latent sites
 (``state_sites`` order: sorted names):
 
 - ``steps``: SVI steps taken so far (the moments are refreshed on every k-th);

@@ -25,9 +25,10 @@ coefficients cₛ minimize the summed gradient variance and never depend on the 
 so the estimator stays exactly unbiased and is never much worse than the better of
 ``"analytic"`` (c = 0) and ``"sampled"`` (c = 1). Two ways to fit them
 (``numpyro_gkl.control_variate``): with a guide wrapped by ``with_adaptive_state`` (recommended),
-on running moments of earlier steps, at the cost of one more backward pass through the prior and
-guide terms (not the likelihood), any ``num_particles``; without it, per particle on the other
-particles of the same step (leave one out, ``num_particles ≥ 3``, N per-particle gradients).
+on running moments of earlier steps, any ``num_particles``: one gradient per step, and on every
+``refresh_every``-th step S more backward passes through the prior and guide terms (not the
+likelihood); without it, per particle on the other particles of the same step (leave one out,
+``num_particles ≥ 3``, N per-particle gradients).
 Its loss value is the analytic estimate's.
 """
 
@@ -494,9 +495,8 @@ class TraceAnalytic_ELBO(ELBO):
 
         def refreshed(state: jax.Array) -> jax.Array:
             diffs, pullback = jax.vjp(self._particle_mean(terms, keys, 1), theta)
-            # one pullback per site: on CPU, vmapping the pullback over the S cotangents
-            # measured slower (eight schools, AutoMultivariateNormal: 1.97 against 0.83 of a
-            # Trace_ELBO gradient for S = 2)
+            # one pullback per site: on CPU, vmapping the pullback over the S cotangents was
+            # slower in development measurements (eight schools, AutoMultivariateNormal)
             d = [pullback(e)[0] for e in jnp.eye(len(names), dtype=diffs.dtype)]
             free = {k: t.inv(theta[k]) for k, t in transforms.items()}
             _, to_free = jax.vjp(_constrain_fn(transforms), free)
