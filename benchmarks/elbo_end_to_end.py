@@ -1,7 +1,8 @@
 """End to end: SVI with the sampled, analytic and adaptive KL estimators over several seeds.
 
 For each model of ``gradient_variance.py`` and each estimator (``TraceAnalytic_ELBO`` with
-``kl="sampled"`` (``Trace_ELBO``'s estimator), ``"analytic"``, ``"adaptive"``, all with
+``kl="sampled"`` (``Trace_ELBO``'s estimator), ``"analytic"``, ``"adaptive"`` (running moments:
+the guide wrapped by ``with_adaptive_state``), all with
 ``--particles`` particles and Adam at the model's step size), ``--seeds`` runs of ``--steps``
 steps. Every ``--every`` steps the ELBO of the current guide is evaluated by one common yardstick,
 the analytic estimator with 256 particles and a fixed key, so that the estimators are compared on
@@ -28,7 +29,7 @@ from gradient_variance import Case, cases
 from numpyro.infer import SVI
 from tqdm.auto import tqdm
 
-from numpyro_gkl import TraceAnalytic_ELBO
+from numpyro_gkl import TraceAnalytic_ELBO, with_adaptive_state
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
@@ -40,9 +41,10 @@ YARDSTICK_PARTICLES = 256
 def run(case: Case, kl: str, particles: int, steps: int, every: int, seeds: int) -> np.ndarray:
     """Evaluated ELBO (seeds × (steps/every + 1)) along SVI runs with one estimator."""
     guide = case.make_guide(case.model)
+    run_guide = with_adaptive_state(guide) if kl == "adaptive" else guide
     svi = SVI(
         case.model,
-        guide,
+        run_guide,
         numpyro.optim.Adam(case.lr),
         TraceAnalytic_ELBO(num_particles=particles, kl=kl),
     )

@@ -4,6 +4,7 @@ Importing the package registers the rules with ``numpyro.distributions.kl.kl_div
 ``TraceMeanField_ELBO`` and any code calling ``kl_divergence`` use them.
 """
 
+from numpyro_gkl.adaptive_state import with_adaptive_state
 from numpyro_gkl.elbo import TraceAnalytic_ELBO
 from numpyro_gkl.gaussian import Diagonal, Gaussian, LowRank, Tril, as_gaussian, entropy
 from numpyro_gkl.kl import gaussian_kl
@@ -21,6 +22,7 @@ __all__ = [
     "is_registered",
     "register",
     "unregister",
+    "with_adaptive_state",
 ]
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-r"""Leave-one-out control-variate coefficients for ``TraceAnalytic_ELBO(kl="adaptive")``.
+r"""Control-variate coefficients for ``TraceAnalytic_ELBO(kl="adaptive")``: leave one out, running.
 
 For particle i let gᵢ ∈ ℝᴾ be the gradient of the analytic-KL ELBO estimate and dᵢ,ₛ ∈ ℝᴾ the
 gradient of site s's difference (sampled term − closed-form term), s = 1…S. Each dₛ has mean zero
@@ -23,13 +23,27 @@ optimum); shrunk, it does not (``benchmarks/gradient_variance.py``). Everything 
 the other particles, so cᵢ is independent of particle i and the average of the hᵢ is exactly
 unbiased. Cost: O(N² S P) for the moments and O(N S³) for the solves, N particles, negligible
 next to the N gradients.
+
+**Running moments** (``running_coefficients``, with the state of
+``numpyro_gkl.with_adaptive_state``). With the particle averages ḡ and d̄ₛ of one step,
+b̂ₛ = d̄ₛ · ḡ and M̂ₛₜ = d̄ₛ · d̄ₜ are unbiased for bₛ = Σ_params Cov(d̄ₛ, ḡ) and Mₛₜ = E[d̄ₛ · d̄ₜ]
+without any centring, because E[d̄ₛ] = 0 (E[d̄ₛ · ḡ] = Σ Cov + E[d̄ₛ] · E[ḡ]); averaging over N
+particles divides both by N, so c = −M⁻¹b is the same. The moments are refreshed on every k-th
+step; the coefficients of step t are fitted on λ-weighted sums of b̂ and M̂ over the refreshes
+τ before t, weights wτ = λ^(r−τ):
+
+    b̄ = Σ wτ b̂τ / Σ wτ,   M̄ = Σ wτ M̂τ / Σ wτ,   c = −(M̄ + λ_r I)⁻¹ b̄ · max(0, 1 − V̂ar(b̄ₛ)/b̄ₛ²),
+
+with V̂ar(b̄ₛ) = (Σ wτ b̂²ₛ,τ / Σ wτ − b̄ₛ²) / (n_eff − 1), n_eff = (Σ wτ)² / Σ wτ² (before two
+refreshes c = 0, the analytic estimator). c depends on earlier steps' draws only, which
+are independent of step t's, so E[cₛ d̄ₛ] = E[cₛ] E[d̄ₛ] = 0 given the past: the estimator is exactly
+unbiased, for any N ≥ 1. Cost: O(S³), nothing per particle.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
 from jax import Array
-from jax.scipy.linalg import cho_factor, cho_solve
 
 # Leave-one-out with centring needs two other particles.
 MIN_PARTICLES = 3
@@ -39,14 +53,18 @@ _RIDGE = 1e-6
 def _solve_ridged(m: Array, b: Array) -> Array:
     """(M + λI)⁻¹ b for symmetric positive semi-definite M (… × S × S), λ = 10⁻⁶ tr(M)/S.
 
-    S = 1 is a division; larger S a Cholesky solve (``jax.scipy.linalg``). Cost: O(S³).
+    Gauss–Jordan elimination unrolled over the S pivots (no pivoting is needed for a symmetric
+    positive definite matrix): S is the number of sites, small, and the elementwise steps fuse
+    into a few XLA kernels where a LAPACK call would cost more than the arithmetic. Cost: O(S³).
     """
     s = m.shape[-1]
     ridge = _RIDGE * jnp.trace(m, axis1=-2, axis2=-1) / s + jnp.finfo(m.dtype).tiny
-    if s == 1:
-        return b / (m[..., 0] + ridge[..., None])
-    ridged = m + ridge[..., None, None] * jnp.eye(s, dtype=m.dtype)
-    return cho_solve(cho_factor(ridged, lower=True), b[..., None])[..., 0]
+    a = jnp.concatenate([m + ridge[..., None, None] * jnp.eye(s, dtype=m.dtype), b[..., None]], -1)
+    for k in range(s):
+        row = a[..., k : k + 1, :] / a[..., k : k + 1, k : k + 1]
+        a = a - a[..., :, k : k + 1] * row
+        a = a.at[..., k : k + 1, :].set(row)
+    return a[..., -1]
 
 
 def loo_coefficients(g: Array, e: Array) -> Array:
@@ -71,6 +89,25 @@ def loo_coefficients(g: Array, e: Array) -> Array:
     var_b = ((n - 1) / (n - 2)) ** 3 * jnp.sum(jnp.square(r - r_mean) * others, 1)
     b_sq = jnp.maximum(jnp.square(b_loo), jnp.finfo(g.dtype).tiny)
     return -_solve_ridged(m_loo, b_loo) * jnp.maximum(0.0, 1.0 - var_b / b_sq)
+
+
+def running_coefficients(weight: Array, weight_sq: Array, b: Array, b_sq: Array, m: Array) -> Array:
+    """Coefficients (S,) from λ-weighted sums over earlier steps (see the module docstring).
+
+    ``weight`` = Σ wτ, ``weight_sq`` = Σ wτ², ``b`` and ``b_sq`` (S,) the weighted sums of b̂ and
+    b̂², ``m`` (S × S) that of M̂. Zero before two refreshes. Cost: O(S³).
+    """
+    seen = weight > 0
+    safe_weight = jnp.where(seen, weight, 1.0)
+    b_mean = jnp.where(seen, b / safe_weight, 0.0)
+    m_mean = jnp.where(seen, m / safe_weight, 0.0)
+    n_eff = jnp.where(weight_sq > 0, weight**2 / jnp.where(weight_sq > 0, weight_sq, 1.0), 0.0)
+    spread = jnp.maximum(b_sq / safe_weight - jnp.square(b_mean), 0.0)
+    enough = n_eff > 1.0 + 1e-6
+    var_mean = spread / jnp.where(enough, n_eff - 1.0, 1.0)
+    b_sq_mean = jnp.maximum(jnp.square(b_mean), jnp.finfo(b.dtype).tiny)
+    shrink = jnp.where(enough, jnp.maximum(0.0, 1.0 - var_mean / b_sq_mean), 0.0)
+    return jnp.where(shrink > 0, -_solve_ridged(m_mean, b_mean) * shrink, 0.0)
 
 
 def fitted_coefficients(g: Array, e: Array) -> Array:

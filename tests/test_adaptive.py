@@ -1,8 +1,10 @@
-"""TraceAnalytic_ELBO(kl="adaptive"): leave-one-out coefficients, unbiasedness, variance, SVI.
+"""TraceAnalytic_ELBO(kl="adaptive"): coefficients, unbiasedness, variance, SVI, running state.
 
-References: NumPy least squares on the other particles (coefficients), Trace_ELBO's gradient with
-its Monte Carlo standard error (unbiasedness), independent draws of the sampled and analytic
-estimators (variance), the exact conjugate posterior (SVI).
+Two ways to fit the coefficients: leave one out (bare guide) and running moments across steps
+(``with_adaptive_state(guide)``). References: NumPy least squares on the other particles and a
+constructed linear relation (coefficients), Trace_ELBO's gradient with its Monte Carlo standard
+error (unbiasedness), independent draws of the sampled and analytic estimators (variance), the
+exact conjugate posterior (SVI).
 """
 
 from __future__ import annotations
@@ -15,10 +17,21 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from numpyro.infer import SVI, Trace_ELBO
-from numpyro.infer.autoguide import AutoMultivariateNormal, AutoNormal
+from numpyro.infer.autoguide import (
+    AutoLowRankMultivariateNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
+from numpyro.primitives import mutable
 
-from numpyro_gkl import TraceAnalytic_ELBO
-from numpyro_gkl.control_variate import combine, fitted_coefficients, loo_coefficients
+from numpyro_gkl import TraceAnalytic_ELBO, with_adaptive_state
+from numpyro_gkl.adaptive_state import STATE_SITE, initial_state, moments, unpack, updated
+from numpyro_gkl.control_variate import (
+    combine,
+    fitted_coefficients,
+    loo_coefficients,
+    running_coefficients,
+)
 from numpyro_gkl.models import (
     eight_schools_noncentered,
     full_rank_guide,
@@ -83,26 +96,72 @@ def test_fitted_coefficients_recover_a_known_relation():
     np.testing.assert_allclose(h.var(0), 1.0, rtol=0.05)
 
 
-def test_needs_three_particles_and_summed_sites():
-    with pytest.raises(ValueError, match="num_particles >= 3"):
-        TraceAnalytic_ELBO(num_particles=2, kl="adaptive")
+def test_running_coefficients_recover_a_known_relation():
+    """Steps of ḡ = a − 0.7 d₁ + 0.2 d₂, E[d] = 0, a independent with a large mean: c = (0.7, −0.2).
+
+    The moments are not centred (b̂ = d̄ · ḡ): the mean of a only adds noise, which 3000 steps
+    (λ = 0.9995) average out. Fewer than two steps give c = 0.
+    """
+    rng = np.random.default_rng(2)
+    steps, p = 3000, 6
+    d = rng.normal(size=(steps, 2, p))
+    g = 3.0 + rng.normal(size=(steps, p)) - 0.7 * d[:, 0] + 0.2 * d[:, 1]
+    order, names = ["a", "d1", "d2", "z"], ["d1", "d2"]
+    b_hat = jnp.asarray(np.einsum("tsp,tp->ts", d, g))
+    m_hat = jnp.asarray(np.einsum("tsp,tup->tsu", d, d))
+    state = initial_state(len(order))
+    assert np.all(np.asarray(running_coefficients(*moments(state, order, names))) == 0.0)
+    state = updated(state, order, names, b_hat[0], m_hat[0], 0.9995)
+    assert np.all(np.asarray(running_coefficients(*moments(state, order, names))) == 0.0)
+
+    def step(state, x):
+        return updated(state, order, names, *x, 0.9995), None
+
+    state, _ = jax.lax.scan(step, state, (b_hat[1:], m_hat[1:]))
+    parts = unpack(state)
+    assert parts["steps"] == steps
+    np.testing.assert_array_equal(np.asarray(parts["b"])[[0, 3]], 0.0)  # sites without a term
+    c = np.asarray(running_coefficients(*moments(state, order, names)))
+    np.testing.assert_allclose(c, [0.7, -0.2], atol=0.05)
+
+
+def init_params(model, guide, data):
+    """The guide's initial (constrained) params."""
+    svi = SVI(model, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
+    return svi.get_params(svi.init(jax.random.PRNGKey(0), *data))
+
+
+def test_adaptive_argument_errors():
     with pytest.raises(ValueError, match="sum_sites=True"):
         TraceAnalytic_ELBO(num_particles=4, kl="adaptive", sum_sites=False)
+    with pytest.raises(ValueError, match="refresh_every"):
+        TraceAnalytic_ELBO(kl="adaptive", refresh_every=0)
     with pytest.raises(ValueError, match="at least 3"):
         loo_coefficients(jnp.zeros((2, 3)), jnp.zeros((2, 1, 3)))
+    x, y = make_regression_data(10, 2)
+    guide = AutoNormal(linear_regression)
+    params = init_params(linear_regression, guide, (x, y))
+    with pytest.raises(ValueError, match="with_adaptive_state"):  # leave one out needs 3
+        TraceAnalytic_ELBO(2, kl="adaptive").loss(
+            jax.random.PRNGKey(1), params, linear_regression, guide, x, y
+        )
 
 
 # -- the estimator ---------------------------------------------------------------------------
 
 
-def gradient_draws(elbo, model, guide, data, n, seed):
-    """``n`` draws of the gradient SVI's optimizer gets (w.r.t. unconstrained parameters)."""
+def gradient_draws(elbo, model, guide, data, n, seed, extra=None):
+    """``n`` draws of the gradient SVI's optimizer gets (w.r.t. unconstrained parameters) at the
+    guide's initialization; ``extra`` (e.g. a frozen adaptive state) is added to the params."""
     svi = SVI(model, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
     state = svi.init(jax.random.PRNGKey(0), *data)
     free = svi.optim.get_params(state.optim_state)
+    extra = extra or {}
 
     def one(key):
-        g = jax.grad(lambda u: elbo.loss(key, svi.constrain_fn(u), model, guide, *data))(free)
+        g = jax.grad(
+            lambda u: elbo.loss(key, {**svi.constrain_fn(u), **extra}, model, guide, *data)
+        )(free)
         return jnp.concatenate([x.ravel() for x in jax.tree.leaves(g)])
 
     keys = jax.random.split(jax.random.PRNGKey(seed), n)
@@ -178,18 +237,99 @@ def test_particle_gradients_average_to_the_analytic_gradient():
         assert d[k].shape == (4, 2, *loss_grad[k].shape)
 
 
-def test_svi_with_adaptive_reaches_the_conjugate_posterior():
-    x, y = make_regression_data(40, 3)
-    guide = AutoMultivariateNormal(linear_regression)
-    svi = SVI(
+# -- running moments: with_adaptive_state -----------------------------------------------------
+
+# (label, model, guide, data, particles, warm-up steps): few warm-up steps make the bias of a c
+# that saw this step's draws large enough to detect (1 of 10 steps), enough that c ≠ 0
+RUNNING_CASES = [
+    (
+        "linear regression AutoNormal",
         linear_regression,
-        guide,
-        numpyro.optim.Adam(0.02),
-        TraceAnalytic_ELBO(num_particles=4, kl="adaptive"),
-    )
-    result = svi.run(jax.random.PRNGKey(0), 3000, x, y, progress_bar=False)
-    post = guide.get_posterior(result.params)
+        AutoNormal,
+        make_regression_data(40, 3),
+        1,
+        10,
+    ),
+    ("eight schools AutoMVN", eight_schools_noncentered, AutoMultivariateNormal, (), 4, 40),
+]
+
+
+@pytest.mark.parametrize(
+    ("label", "model", "make_guide", "data", "particles", "warm"),
+    RUNNING_CASES,
+    ids=lambda x: x if isinstance(x, str) else "",
+)
+def test_running_adaptive_is_unbiased(label, model, make_guide, data, particles, warm):
+    """At fixed params and a fixed (warmed, c ≠ 0) state, the mean gradient is Trace_ELBO's."""
+    guide = with_adaptive_state(make_guide(model))
+    elbo = TraceAnalytic_ELBO(particles, kl="adaptive")
+    params = init_params(model, guide, data)
+    state = jax.jit(
+        lambda k: elbo.warmed_adaptive_state(k, params, model, guide, *data, num_steps=warm)
+    )(jax.random.PRNGKey(7))
+    names = ["w"] if "regression" in label else ["eta", "mu"]
+    c = running_coefficients(*moments(state, sorted(unpack_names(model, guide, data)), names))
+    assert np.abs(np.asarray(c)).max() > 0.1, c  # the control variate is in use
+    extra = {STATE_SITE: state}
+    ga = gradient_draws(elbo, model, guide, data, 400, seed=1, extra=extra)
+    gs = gradient_draws(Trace_ELBO(particles), model, guide.guide, data, 400, seed=2)
+    se = np.sqrt(ga.var(0) / len(ga) + gs.var(0) / len(gs))
+    z = np.abs(ga.mean(0) - gs.mean(0)) / se
+    assert z.max() < 4.5, f"{label}: worst element {z.max():.1f} standard errors off"
+
+
+def unpack_names(model, guide, data):
+    """The guide's latent sample sites (the state's entries), from a trace of the guide."""
+    tr = numpyro.handlers.trace(numpyro.handlers.seed(guide, 0)).get_trace(*data)
+    return [n for n, s in tr.items() if s["type"] == "sample" and not s["is_observed"]]
+
+
+def test_svi_with_running_adaptive_reaches_the_conjugate_posterior():
+    """One particle, SVI.run (a scan: the state's structure must not change), then update."""
+    x, y = make_regression_data(40, 3)
+    guide = with_adaptive_state(AutoMultivariateNormal(linear_regression))
+    elbo = TraceAnalytic_ELBO(num_particles=1, kl="adaptive")
+    svi = SVI(linear_regression, guide, numpyro.optim.Adam(0.01), elbo)
+    result = svi.run(jax.random.PRNGKey(0), 4000, x, y, progress_bar=False)
+    post = guide.get_posterior(result.params)  # attribute access reaches the auto guide
     mean, cov = linear_regression_posterior(x, y)
     np.testing.assert_allclose(np.asarray(post.mean), mean, atol=0.02)
     np.testing.assert_allclose(np.asarray(post.covariance_matrix), cov, atol=0.01)
-    assert np.all(np.isfinite(result.losses))
+    parts = unpack(result.state.mutable_state[STATE_SITE])
+    assert parts["steps"] == 4000 and parts["weight"] > 10.0
+    state, loss = jax.jit(svi.update)(result.state, x, y)
+    assert unpack(state.mutable_state[STATE_SITE])["steps"] == 4001 and np.isfinite(loss)
+    assert set(svi.get_params(state)) == {"auto_loc", "auto_scale_tril"}
+
+
+def test_running_state_has_one_entry_per_guide_site():
+    """The state covers the guide's latent sites; the low-rank guide's latent is mixed too."""
+    data = make_classification_data(20, 3)
+    guide = with_adaptive_state(AutoLowRankMultivariateNormal(logistic_regression))
+    svi = SVI(
+        logistic_regression, guide, numpyro.optim.Adam(0.01), TraceAnalytic_ELBO(1, kl="adaptive")
+    )
+    result = svi.run(jax.random.PRNGKey(0), 9, *data, progress_bar=False)
+    sites = sorted(unpack_names(logistic_regression, guide, data))
+    parts = unpack(result.state.mutable_state[STATE_SITE])
+    assert parts["m"].shape == (len(sites), len(sites)) and parts["steps"] == 9
+    # refreshed on steps 0, 4 and 8, each earlier refresh weighed down by λ = 0.98
+    np.testing.assert_allclose(parts["weight"], 1 + 0.98 + 0.98**2)
+    assert sites == ["_auto_latent", "w"]
+    assert np.all(np.diag(parts["m"]) > 0), parts["m"]
+
+
+def test_mutable_sites_keep_their_structure_with_many_particles():
+    """A model's own mutable site with num_particles > 1: carried unchanged (with a warning)."""
+
+    def model(x, y):
+        counter = mutable("counter", {"n": jnp.zeros(())})
+        counter["n"] = counter["n"] + 1.0
+        linear_regression(x, y)
+
+    x, y = make_regression_data(10, 2)
+    svi = SVI(model, AutoNormal(model), numpyro.optim.Adam(0.01), TraceAnalytic_ELBO(3))
+    start = svi.init(jax.random.PRNGKey(0), x, y)
+    with pytest.warns(UserWarning, match="does not update the mutable sites"):
+        result = svi.run(jax.random.PRNGKey(0), 3, x, y, progress_bar=False, init_state=start)
+    assert float(result.state.mutable_state["counter"]["n"]) == start.mutable_state["counter"]["n"]
