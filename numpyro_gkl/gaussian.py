@@ -14,13 +14,16 @@ structure     covariance Σ                square root A with Σ = A Aᵀ
 
 No array is broadcast here: each form keeps its parameters at their own batch shapes and records
 the batch shape it stands for, so a shared factor stays shared. Conversion costs nothing but the
-Cholesky factor NumPyro already computed at construction.
+Cholesky factor NumPyro already computed at construction, and checks nothing: ``entropy`` and
+``numpyro_gkl.gaussian_kl`` are NaN where ``Gaussian.valid`` is False (docs/robustness.md).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import jax.numpy as jnp
 from jax import Array
@@ -56,6 +59,36 @@ class Gaussian:
         """Number of scalar dimensions K of one event."""
         return math.prod(self.event_shape)
 
+    @property
+    def params(self) -> dict[str, Array]:
+        """The floating-point parameters (location and covariance structure) by field name."""
+        skip = ("batch_shape", "event_shape", "mask")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+    @property
+    def dtype(self) -> Any:
+        """The floating dtype all parameters promote to."""
+        return jnp.result_type(float, *self.params.values())
+
+    def astype(self, dtype: Any) -> Gaussian:
+        """The same form with every parameter in ``dtype`` (no copy where it already is)."""
+        return replace(self, **{k: jnp.asarray(v, dtype) for k, v in self.params.items()})
+
+    def valid(self) -> Array:
+        """Per batch element (broadcastable to ``batch_shape``): a finite location, and scales
+        (``Diagonal``), diagonal entries of ``scale_tril`` (``Tril``) or ``cov_diag`` entries
+        (``LowRank``) in (0, ∞). The mask is not looked at. Off-diagonal entries and
+        ``cov_factor`` are not checked: a NaN there reaches every result through the
+        arithmetic. Cost O(K) per element."""
+        diag = self._diagonal()
+        return _all_event(jnp.isfinite(self.loc), self) & _all_event(
+            (diag > 0) & (diag < jnp.inf), self
+        )
+
+    def _diagonal(self) -> Array:
+        """What must be positive: scales, diagonal of the factor, or D."""
+        raise NotImplementedError
+
     def expand(self, batch_shape: tuple[int, ...]) -> Gaussian:
         return replace(self, batch_shape=tuple(batch_shape))
 
@@ -79,6 +112,9 @@ class Diagonal(Gaussian):
         """½ log|Σ| = Σᵢ log σᵢ summed over the event. Cost O(K)."""
         return _sum_event(jnp.log(self.scale), self)
 
+    def _diagonal(self) -> Array:
+        return self.scale
+
     def marginal_var(self) -> Array:
         """diag(Σ). Cost O(K)."""
         return jnp.square(self.scale)
@@ -86,7 +122,9 @@ class Diagonal(Gaussian):
 
 @dataclass(frozen=True)
 class Tril(Gaussian):
-    """Σ = L Lᵀ: ``MultivariateNormal``; NumPyro keeps ``scale_tril`` whatever it was built from."""
+    """Σ = L Lᵀ: ``MultivariateNormal``; NumPyro keeps ``scale_tril`` whatever it was built from.
+
+    Only the lower triangle of ``scale_tril`` is read, as NumPyro's ``log_prob`` reads it."""
 
     scale_tril: Array
 
@@ -94,9 +132,12 @@ class Tril(Gaussian):
         """½ log|Σ| = Σᵢ log Lᵢᵢ. Cost O(K)."""
         return jnp.sum(jnp.log(jnp.diagonal(self.scale_tril, axis1=-2, axis2=-1)), -1)
 
+    def _diagonal(self) -> Array:
+        return jnp.diagonal(self.scale_tril, axis1=-2, axis2=-1)
+
     def marginal_var(self) -> Array:
-        """diag(Σ)ᵢ = Σⱼ Lᵢⱼ². Cost O(K²)."""
-        return jnp.sum(jnp.square(self.scale_tril), -1)
+        """diag(Σ)ᵢ = Σ_{j≤i} Lᵢⱼ². Cost O(K²)."""
+        return jnp.sum(jnp.square(jnp.tril(self.scale_tril)), -1)
 
 
 @dataclass(frozen=True)
@@ -128,17 +169,38 @@ class LowRank(Gaussian):
         """diag(Σ)ᵢ = Dᵢ + Σⱼ Wᵢⱼ². Cost O(K r)."""
         return self.cov_diag + jnp.sum(jnp.square(self.cov_factor), -1)
 
+    def _diagonal(self) -> Array:
+        return self.cov_diag
+
 
 def _sum_event(x: Array, g: Gaussian) -> Array:
-    """Sums the event axes of an elementwise quantity of a ``Diagonal`` form."""
+    """Sums the event axes of an elementwise quantity (shaped like the location) of ``g``."""
+    return _reduce_event(jnp.sum, x, g)
+
+
+def _all_event(x: Array, g: Gaussian) -> Array:
+    """Whether a boolean elementwise quantity (shaped like the location) holds over the event."""
+    return _reduce_event(jnp.all, x, g)
+
+
+def _reduce_event(reduce: Callable[..., Array], x: Array, g: Gaussian) -> Array:
     n = len(g.event_shape)
-    x = jnp.broadcast_to(x, jnp.broadcast_shapes(x.shape, (1,) * n))
-    return jnp.sum(x, axis=tuple(range(-n, 0))) if n else x
+    x = jnp.broadcast_to(x, jnp.broadcast_shapes(jnp.shape(x), (1,) * n))
+    return reduce(x, axis=tuple(range(-n, 0))) if n else x
 
 
 def entropy(g: Gaussian) -> Array:
-    """H = ½ K log(2πe) + ½ log|Σ| of each event. Cost: that of ``half_log_det``."""
-    return 0.5 * g.dim * (1.0 + _LOG_2PI) + g.half_log_det()
+    """H = ½ K log(2πe) + ½ log|Σ| of each event, NaN where ``g.valid()`` is False. Cost: that
+    of ``half_log_det``."""
+    return jnp.where(g.valid(), 0.5 * g.dim * (1.0 + _LOG_2PI) + g.half_log_det(), jnp.nan)
+
+
+def describe(d: Any) -> str:
+    """``Name(batch_shape=…, event_shape=…)`` of a NumPyro distribution or a common form."""
+    return (
+        f"{type(d).__name__}(batch_shape={tuple(d.batch_shape)}, "
+        f"event_shape={tuple(d.event_shape)})"
+    )
 
 
 def as_gaussian(d: Distribution) -> Gaussian | None:

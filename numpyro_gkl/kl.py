@@ -42,7 +42,15 @@ import jax.numpy as jnp
 from jax import Array, lax
 
 from numpyro_gkl.exact import gram_residual, square_minus
-from numpyro_gkl.gaussian import Diagonal, Gaussian, LowRank, Tril, _sum_event, entropy
+from numpyro_gkl.gaussian import (
+    Diagonal,
+    Gaussian,
+    LowRank,
+    Tril,
+    _sum_event,
+    describe,
+    entropy,
+)
 from numpyro_gkl.linalg import (
     SHARED_SOLVE_MIN_K,
     expm1_minus_x,
@@ -137,7 +145,7 @@ def _vs_tril(p: Gaussian, lq: Array, delta: Array) -> tuple[Array, Array]:
         lp = p.capacitance_tril()
         f = f + _sq_norm(lq_inv @ p.cov_factor) - 2.0 * jnp.sum(jnp.log(_diag(lp)), -1)
         f = _exact_when_close(
-            jnp.maximum(f, 0.0), k, _exact_lowrank_vs_tril, p.cov_factor, p.cov_diag, lq
+            jnp.maximum(f, 0.0), k, _exact_lowrank_vs_tril, p.cov_factor, p.cov_diag, jnp.tril(lq)
         )
     return f, _sq_norm(lq_inv @ delta[..., None])
 
@@ -240,10 +248,11 @@ def _cov_vs_lowrank(p: Gaussian, q: LowRank) -> Array:
         return _cov_lowrank_pair(p.cov_diag, p.cov_factor, q.cov_diag, q.cov_factor)
     lc = q.capacitance_tril()
     y = q.cov_factor / q.cov_diag[..., None]  # Dq⁻¹ Wq
-    correction = _sq_norm(solve_lower(lc, jnp.swapaxes(y, -1, -2) @ p.scale_tril))
+    lp = jnp.tril(p.scale_tril)  # a factor's upper triangle is ignored everywhere
+    correction = _sq_norm(solve_lower(lc, jnp.swapaxes(y, -1, -2) @ lp))
     f = _cov_vs_diag(p, jnp.sqrt(q.cov_diag)) + 2.0 * jnp.sum(jnp.log(_diag(lc)), -1) - correction
     return _exact_when_close(
-        jnp.maximum(f, 0.0), p.dim, _exact_tril_vs_lowrank, p.scale_tril, q.cov_factor, q.cov_diag
+        jnp.maximum(f, 0.0), p.dim, _exact_tril_vs_lowrank, lp, q.cov_factor, q.cov_diag
     )
 
 
@@ -362,14 +371,46 @@ def _masked_correction(p: Gaussian, q: Gaussian, kl: Array) -> Array:
     return out
 
 
+def check_pair(p: Gaussian, q: Gaussian, names: tuple[str, str]) -> None:
+    """Raises unless ``gaussian_kl(p, q)`` is defined by shapes; ``names`` describe p and q.
+
+    ``NotImplementedError`` for a full or low-rank form against a form whose event is not a
+    vector (no closed form here), ``ValueError`` for different event shapes or batch shapes that
+    do not broadcast. Shapes only: costs nothing at run time.
+    """
+    vector_only = not (isinstance(p, Diagonal) and isinstance(q, Diagonal))
+    if vector_only and (len(p.event_shape) != 1 or len(q.event_shape) != 1):
+        raise NotImplementedError(
+            "numpyro_gkl: a full or low-rank Gaussian pairs only with a vector event, got "
+            f"{names[0]} and {names[1]}"
+        )
+    if p.event_shape != q.event_shape:
+        raise ValueError(f"KL divergence needs equal event shapes, got {names[0]} and {names[1]}")
+    try:
+        jnp.broadcast_shapes(p.batch_shape, q.batch_shape)
+    except ValueError as err:
+        raise ValueError(
+            f"KL divergence needs broadcastable batch shapes, got {names[0]} and {names[1]}"
+        ) from err
+
+
 def gaussian_kl(p: Gaussian, q: Gaussian) -> Array:
     """KL(p‖q) with shape ``broadcast(p.batch_shape, q.batch_shape)``.
 
     Masked units contribute what the sampled estimator E_p[log p − log q] gives in expectation
     with NumPyro's masked ``log_prob`` (zero where masked): KL where both are present, −H(p)
     where only p is, the cross-entropy E_p[−log q] where only q is, 0 where neither is.
-    Shapes are checked by the caller (``numpyro_gkl.registry``).
+
+    Bad input (docs/robustness.md): shapes are checked first (``check_pair``). Both forms are
+    computed in one dtype, the promotion of all their parameters, so that a float32 side does
+    not spoil the exact differences of a float64 one. A batch element where either form is not
+    ``valid()`` (a location that is not finite, a scale, factor diagonal or ``cov_diag`` not in
+    (0, ∞)) is NaN, masked or not; a NaN elsewhere (off-diagonal, ``cov_factor``) reaches the
+    result through the arithmetic. Cost of the checks: O(K) per batch element.
     """
+    check_pair(p, q, (describe(p), describe(q)))
+    dtype = jnp.result_type(p.dtype, q.dtype)
+    p, q = p.astype(dtype), q.astype(dtype)
     batch_shape = jnp.broadcast_shapes(p.batch_shape, q.batch_shape)
     masked = p.mask is not None or q.mask is not None
     if masked and isinstance(p, Diagonal) and isinstance(q, Diagonal):
@@ -378,4 +419,5 @@ def gaussian_kl(p: Gaussian, q: Gaussian) -> Array:
         kl = _unmasked_kl(p, q)
         if masked:
             kl = kl + _masked_correction(p, q, kl)
+    kl = jnp.where(p.valid() & q.valid(), kl, jnp.nan)
     return jnp.broadcast_to(kl, batch_shape)

@@ -13,7 +13,6 @@ from __future__ import annotations
 from collections.abc import Callable
 from itertools import product
 
-import jax.numpy as jnp
 from jax import Array
 from numpyro.distributions import (
     Distribution,
@@ -26,8 +25,8 @@ from numpyro.distributions import (
 )
 from numpyro.distributions.kl import kl_divergence
 
-from numpyro_gkl.gaussian import Diagonal, as_gaussian
-from numpyro_gkl.kl import gaussian_kl
+from numpyro_gkl.gaussian import as_gaussian, describe
+from numpyro_gkl.kl import check_pair, gaussian_kl
 
 GAUSSIAN_TYPES: tuple[type[Distribution], ...] = (
     Normal,
@@ -43,13 +42,6 @@ Rule = Callable[[Distribution, Distribution], Array]
 _saved: dict[tuple[type, ...], Rule] | None = None
 
 
-def _describe(d: Distribution) -> str:
-    return (
-        f"{type(d).__name__}(batch_shape={tuple(d.batch_shape)}, "
-        f"event_shape={tuple(d.event_shape)})"
-    )
-
-
 def _make_rule(previous: Rule | None) -> Rule:
     def rule(p: Distribution, q: Distribution) -> Array:
         gp, gq = as_gaussian(p), as_gaussian(q)
@@ -57,25 +49,9 @@ def _make_rule(previous: Rule | None) -> Rule:
             if previous is not None:
                 return previous(p, q)
             raise NotImplementedError(
-                f"numpyro_gkl: no closed-form KL between {_describe(p)} and {_describe(q)}"
+                f"numpyro_gkl: no closed-form KL between {describe(p)} and {describe(q)}"
             )
-        vector_only = not (isinstance(gp, Diagonal) and isinstance(gq, Diagonal))
-        if vector_only and (len(gp.event_shape) != 1 or len(gq.event_shape) != 1):
-            raise NotImplementedError(
-                "numpyro_gkl: a full or low-rank Gaussian pairs only with a vector event, got "
-                f"{_describe(p)} and {_describe(q)}"
-            )
-        if gp.event_shape != gq.event_shape:
-            raise ValueError(
-                f"KL divergence needs equal event shapes, got {_describe(p)} and {_describe(q)}"
-            )
-        try:
-            jnp.broadcast_shapes(gp.batch_shape, gq.batch_shape)
-        except ValueError as err:
-            raise ValueError(
-                f"KL divergence needs broadcastable batch shapes, got {_describe(p)} and "
-                f"{_describe(q)}"
-            ) from err
+        check_pair(gp, gq, (describe(p), describe(q)))
         return gaussian_kl(gp, gq)
 
     rule.__doc__ = "Closed-form Gaussian KL(p‖q) from numpyro_gkl; see numpyro_gkl.kl."
