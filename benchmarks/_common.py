@@ -8,9 +8,18 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+
+# The checkout these scripts belong to comes first on the path, so that they always measure its
+# numpyro_gkl (an environment with an older editable install elsewhere once took precedence and
+# a whole run timed stale code); ``machine_line`` prints where it was imported from.
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
 
 PEER_PACKAGES = {
     "jax": "jax",
@@ -61,8 +70,27 @@ def machine_line(extra: str = "") -> str:
         f"Machine: {cpu_model()}, {cores} cores, 1-min load average {load:.1f} at the end "
         f"(other processes share the machine), Python {platform.python_version()}; "
         + ", ".join(versions)
+        + f"; {code_line()}"
     )
     return f"{line}; {extra}" if extra else line
+
+
+def code_line() -> str:
+    """Where ``numpyro_gkl`` was imported from and the checkout's commit (``-dirty`` if edited)."""
+    import numpyro_gkl
+
+    where = Path(numpyro_gkl.__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "-C", str(REPO_ROOT), "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:
+        commit = ""
+    inside = where.is_relative_to(REPO_ROOT)
+    return f"numpyro_gkl {'at' if inside else 'NOT from this checkout:'} {where} ({commit or '?'})"
 
 
 def render_table(header: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> str:

@@ -26,7 +26,9 @@ Implementations, one column each:
   diagonal ``scale_tril`` since PyTorch has no ``Independent``–``MultivariateNormal`` rule).
 
 Each timing is the median over rounds; a round calls every implementation of the cell in turn
-(several calls each for fast ones, averaged), so machine noise hits all columns alike. Ratios
+(several calls each for fast ones, averaged), in an order rotated every round, so machine noise
+hits all columns alike; PyTorch's OpenMP threads are made to sleep between calls
+(``OMP_WAIT_POLICY=PASSIVE``) rather than spin on the cores the next call needs. Ratios
 ``upstream/ours`` and ``best peer/ours`` above 1 mean ours is faster. Every implementation's KL
 value is checked against the first one's (a note is printed past a loose tolerance).
 
@@ -498,10 +500,14 @@ def time_cell(
         calls[impl] = call
         inner[impl] = max(1, min(200, int(0.02 / max(est, 1e-6))))
     samples: dict[str, list[float]] = {impl: [] for impl in calls}
+    order = list(calls)
     start = time.perf_counter()
     rounds = 0
     while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < 200):
-        for impl, call in calls.items():
+        # Rotate the order every round, so that no implementation always follows the same one
+        # (whatever a call leaves behind, e.g. busy worker threads, hits every column alike).
+        for impl in order[rounds % len(order) :] + order[: rounds % len(order)]:
+            call = calls[impl]
             progress(impl)
             t0 = time.perf_counter()
             for _ in range(inner[impl]):
@@ -527,7 +533,13 @@ ATTEMPTS = 4
 
 
 def _worker_main(conn: Any, dtype: str) -> None:
-    """Child process: times the cells it receives until it gets ``None``."""
+    """Child process: times the cells it receives until it gets ``None``.
+
+    PyTorch's OpenMP threads busy-wait after each call by default and took the two cores from
+    the JAX call timed next (ours 1.3× slower right after torch in one K = 32 cell); with
+    ``OMP_WAIT_POLICY=PASSIVE`` (unless set) they sleep.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import jax
 
     if dtype == "float64":

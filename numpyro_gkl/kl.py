@@ -42,6 +42,7 @@ import jax.numpy as jnp
 from jax import Array, lax
 
 from numpyro_gkl.exact import gram_residual, square_minus
+from numpyro_gkl.full_pair import twice_kl
 from numpyro_gkl.gaussian import (
     Diagonal,
     Gaussian,
@@ -53,12 +54,10 @@ from numpyro_gkl.gaussian import (
 )
 from numpyro_gkl.linalg import (
     SHARED_SOLVE_MIN_K,
-    expm1_minus_x,
-    log_ratio,
+    scale_ratio_term,
     solve_lower,
     solve_sq_sums_unrolled,
     strict_lower_sq_sum,
-    strict_lower_sq_sum_of_product,
     trace_minus_log_det_1p,
     x_minus_log1p,
 )
@@ -77,7 +76,7 @@ def _sq_norm(x: Array) -> Array:
 
 def _diag_terms(scale_p: Array, scale_q: Array) -> Array:
     """Σᵢ g(2tᵢ), tᵢ = log(scale_p,ᵢ / scale_q,ᵢ), the diagonal of the triangular form. O(K)."""
-    return jnp.sum(expm1_minus_x(2.0 * log_ratio(scale_p, scale_q)), -1)
+    return jnp.sum(scale_ratio_term(scale_p, scale_q), -1)
 
 
 def _cov_vs_diag(p: Gaussian, sq: Array) -> Array:
@@ -99,42 +98,27 @@ def _cov_vs_diag(p: Gaussian, sq: Array) -> Array:
     )
 
 
-def _vs_tril(p: Gaussian, lq: Array, delta: Array) -> tuple[Array, Array]:
-    """f(Σp ‖ Lq Lqᵀ) and δᵀΣq⁻¹δ with one triangular solve per call.
+def _vs_tril(p: Gaussian, lq: Array, delta: Array) -> Array:
+    """f(Σp ‖ Lq Lqᵀ) + δᵀΣq⁻¹δ with one triangular solve per call.
 
-    Full p: Lq⁻¹ [Lp − Lq | δ] in one solve, O(K³/3) (M − I = Lq⁻¹(Lp − Lq): the off-diagonals
-    come from the exact difference and keep their digits); for K ≤ 4 that substitution unrolled
-    over the triangles' entries, one elementwise pass over the batch (``solve_sq_sums_unrolled``,
-    1.6–2.5× faster than the batched form at K = 2 and 4 in ``kl_speed.py``'s cells, slower at
-    K = 8); otherwise, when q's factor is shared by the batch,
-    Lq⁻¹ once and the blocked product Lq⁻¹(Lp − Lq), about K³/3 multiply-adds per p. Diagonal or
-    low-rank p: Lq⁻¹ once per q, O(K³/3), then column norms and matmuls, O(K²) (O(K² r) low rank)
-    per p. One solve, not two: two independent batched solves in one program can deadlock XLA's
-    CPU thread pool (jaxlib 0.10).
+    Full p (M − I = Lq⁻¹(Lp − Lq): the off-diagonals come from the exact difference and keep
+    their digits): for K ≤ 4 the substitution Lq⁻¹ [Lp − Lq | δ] unrolled over the triangles'
+    entries, one elementwise pass over the batch (``solve_sq_sums_unrolled``), differentiated by
+    autodiff; above, ``full_pair.twice_kl``, the same forward up to K = 8, then one solve (Lq⁻¹
+    once and a blocked product when q's factor is shared by the batch), with a hand-written
+    derivative (autodiff through the unrolled form is 2–3× slower than it at K = 8, faster
+    below; ``kl_speed.py``). Diagonal or low-rank p: Lq⁻¹ once per q,
+    O(K³/3), then column norms and matmuls, O(K²) (O(K² r) low rank) per p. One solve, not two:
+    two independent batched solves in one program can deadlock XLA's CPU thread pool
+    (jaxlib 0.10).
     """
     k = lq.shape[-1]
     if isinstance(p, Tril):
-        f = _diag_terms(_diag(p.scale_tril), _diag(lq))
-        if k <= SHARED_SOLVE_MIN_K:
-            # Tiny K: the substitution unrolled over the entries, elementwise over the batch.
-            strict, maha = solve_sq_sums_unrolled(lq, p.scale_tril, lq, delta)
-            return f + strict, maha
-        diff = jnp.tril(p.scale_tril - lq)
-        batch = jnp.broadcast_shapes(diff.shape[:-2], delta.shape[:-1])
-        if math.prod(lq.shape[:-2]) < math.prod(batch):
-            # q's factor shared by the batch: invert it once and multiply blockwise.
-            lq_inv = solve_lower(lq, jnp.eye(k, dtype=lq.dtype))
-            f = f + strict_lower_sq_sum_of_product(lq_inv, diff)
-            return f, _sq_norm(lq_inv @ delta[..., None])
-        rhs = jnp.concatenate(
-            [
-                jnp.broadcast_to(diff, (*batch, k, k)),
-                jnp.broadcast_to(delta[..., None], (*batch, k, 1)),
-            ],
-            axis=-1,
-        )
-        y = solve_lower(lq, rhs)
-        return f + strict_lower_sq_sum(y[..., :k]), jnp.sum(jnp.square(y[..., k]), -1)
+        if k > SHARED_SOLVE_MIN_K:
+            return twice_kl(p.scale_tril, lq, delta)
+        # Tiny K: the substitution unrolled over the entries, autodiff through it.
+        strict, maha = solve_sq_sums_unrolled(lq, p.scale_tril, lq, delta)
+        return _diag_terms(_diag(p.scale_tril), _diag(lq)) + strict + maha
     sp = p.scale if isinstance(p, Diagonal) else jnp.sqrt(p.cov_diag)
     # M = Lq⁻¹ diag(sp): its strict lower part needs the column norms of Lq⁻¹.
     lq_inv = solve_lower(lq, jnp.eye(k, dtype=lq.dtype))
@@ -147,7 +131,7 @@ def _vs_tril(p: Gaussian, lq: Array, delta: Array) -> tuple[Array, Array]:
         f = _exact_when_close(
             jnp.maximum(f, 0.0), k, _exact_lowrank_vs_tril, p.cov_factor, p.cov_diag, jnp.tril(lq)
         )
-    return f, _sq_norm(lq_inv @ delta[..., None])
+    return f + _sq_norm(lq_inv @ delta[..., None])
 
 
 def _sandwich(lc: Array, x: Array) -> Array:
@@ -319,22 +303,19 @@ def _mahalanobis(delta: Array, q: Gaussian) -> Array:
 def _unmasked_kl(p: Gaussian, q: Gaussian) -> Array:
     """KL(p‖q) of whole events, masks ignored."""
     if isinstance(p, Diagonal) and isinstance(q, Diagonal):
-        t = 2.0 * log_ratio(p.scale, q.scale)
         z = jnp.square((p.loc - q.loc) / q.scale)
-        return _sum_event(0.5 * (expm1_minus_x(t) + z), p)
+        return _sum_event(0.5 * (scale_ratio_term(p.scale, q.scale) + z), p)
     delta = p.loc - q.loc
     if isinstance(q, Tril):
-        f, maha = _vs_tril(p, q.scale_tril, delta)
-        return 0.5 * (f + maha)
+        return 0.5 * _vs_tril(p, q.scale_tril, delta)
     f = _cov_vs_diag(p, q.scale) if isinstance(q, Diagonal) else _cov_vs_lowrank(p, q)
     return 0.5 * (f + _mahalanobis(delta, q))
 
 
 def _diag_masked_kl(p: Diagonal, q: Diagonal) -> Array:
     """Elementwise E_p[m_p log p − m_q log q] for two diagonal forms, summed over the event."""
-    t = 2.0 * log_ratio(p.scale, q.scale)
     z = jnp.square((p.loc - q.loc) / q.scale)
-    kl = 0.5 * (expm1_minus_x(t) + z)
+    kl = 0.5 * (scale_ratio_term(p.scale, q.scale) + z)
     neg_h = -(0.5 * (1.0 + _LOG_2PI) + jnp.log(p.scale))
     ce = 0.5 * (_LOG_2PI + 1.0) + jnp.log(p.scale) + kl
     mp = True if p.mask is None else p.mask
