@@ -311,9 +311,9 @@ def test_full_pair_gradients_match_analytic(k, q_batch):
     def f(a, b):
         return jnp.sum(kl_divergence(make_dist("scale_tril", a), make_dist("scale_tril", b)))
 
-    got_p, got_q = jax.grad(f, argnums=(0, 1))(
-        {n: jnp.asarray(v) for n, v in pp.items()}, {n: jnp.asarray(v) for n, v in pq.items()}
-    )
+    jp, jq = {n: jnp.asarray(v) for n, v in pp.items()}, {n: jnp.asarray(v) for n, v in pq.items()}
+    got_p, got_q = jax.grad(f, argnums=(0, 1))(jp, jq)
+    only_p = jax.grad(f)(jp, jq)  # a fixed prior: its tangents are symbolic zeros
     want_p = {n: np.zeros_like(v) for n, v in pp.items()}
     want_q = {n: np.zeros_like(v) for n, v in pq.items()}
     for i in range(FULL_PAIR_B):
@@ -325,7 +325,7 @@ def test_full_pair_gradients_match_analytic(k, q_batch):
                 want_q[n][i] = gq[n]
             else:
                 want_q[n] += gq[n]
-    for side, got, want in (("p", got_p, want_p), ("q", got_q, want_q)):
+    for side, got, want in (("p", got_p, want_p), ("q", got_q, want_q), ("p only", only_p, want_p)):
         for n in want:
             g = np.asarray(got[n])
             g = np.tril(g) if n == "scale_tril" else g
