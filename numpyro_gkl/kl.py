@@ -53,10 +53,8 @@ from numpyro_gkl.gaussian import (
     entropy,
 )
 from numpyro_gkl.linalg import (
-    SHARED_SOLVE_MIN_K,
     scale_ratio_term,
     solve_lower,
-    solve_sq_sums_unrolled,
     strict_lower_sq_sum,
     trace_minus_log_det_1p,
     x_minus_log1p,
@@ -101,24 +99,18 @@ def _cov_vs_diag(p: Gaussian, sq: Array) -> Array:
 def _vs_tril(p: Gaussian, lq: Array, delta: Array) -> Array:
     """f(Σp ‖ Lq Lqᵀ) + δᵀΣq⁻¹δ with one triangular solve per call.
 
-    Full p (M − I = Lq⁻¹(Lp − Lq): the off-diagonals come from the exact difference and keep
-    their digits): for K ≤ 4 the substitution Lq⁻¹ [Lp − Lq | δ] unrolled over the triangles'
-    entries, one elementwise pass over the batch (``solve_sq_sums_unrolled``), differentiated by
-    autodiff; above, ``full_pair.twice_kl``, the same forward up to K = 8, then one solve (Lq⁻¹
-    once and a blocked product when q's factor is shared by the batch), with a hand-written
-    derivative (autodiff through the unrolled form is 2–3× slower than it at K = 8, faster
-    below; ``kl_speed.py``). Diagonal or low-rank p: Lq⁻¹ once per q,
+    Full p: ``full_pair.twice_kl`` (M − I = Lq⁻¹(Lp − Lq): the off-diagonals come from the exact
+    difference and keep their digits): up to K = 8 the substitution Lq⁻¹ [Lp − Lq | δ] unrolled
+    over the triangles' entries, one elementwise pass over the batch, then one solve (Lq⁻¹ once
+    and a blocked product when q's factor is shared by the batch), with a hand-written
+    derivative where it measured faster than autodiff. Diagonal or low-rank p: Lq⁻¹ once per q,
     O(K³/3), then column norms and matmuls, O(K²) (O(K² r) low rank) per p. One solve, not two:
     two independent batched solves in one program can deadlock XLA's CPU thread pool
     (jaxlib 0.10).
     """
     k = lq.shape[-1]
     if isinstance(p, Tril):
-        if k > SHARED_SOLVE_MIN_K:
-            return twice_kl(p.scale_tril, lq, delta)
-        # Tiny K: the substitution unrolled over the entries, autodiff through it.
-        strict, maha = solve_sq_sums_unrolled(lq, p.scale_tril, lq, delta)
-        return _diag_terms(_diag(p.scale_tril), _diag(lq)) + strict + maha
+        return twice_kl(p.scale_tril, lq, delta)
     sp = p.scale if isinstance(p, Diagonal) else jnp.sqrt(p.cov_diag)
     # M = Lq⁻¹ diag(sp): its strict lower part needs the column norms of Lq⁻¹.
     lq_inv = solve_lower(lq, jnp.eye(k, dtype=lq.dtype))

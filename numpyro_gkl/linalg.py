@@ -182,6 +182,12 @@ def solve_sq_sums_unrolled(tril: Array, a: Array, b: Array, vec: Array) -> tuple
     return jnp.asarray(strict), sum(jnp.square(v) for v in y.values())
 
 
+def is_shared(tril: Array, batch: tuple[int, ...]) -> bool:
+    """Whether the factor ``tril`` (… × K × K) serves several elements of ``batch``: its batch
+    shape is smaller, so it is inverted once and applied by matmul. Static shapes only."""
+    return math.prod(tril.shape[:-2]) < math.prod(batch)
+
+
 @partial(jax.custom_jvp, nondiff_argnums=(2,))
 def triangular_solve(tril: Array, rhs: Array, transpose: bool) -> Array:
     """``L⁻¹ R`` (``L⁻ᵀ R`` if ``transpose``) for lower-triangular L and R of equal batch shape.
@@ -226,7 +232,7 @@ def solve_lower(tril: Array, rhs: Array, transpose: bool = False) -> Array:
     """
     batch = lax.broadcast_shapes(tril.shape[:-2], rhs.shape[:-2])
     k = rhs.shape[-2]
-    shared = math.prod(tril.shape[:-2]) < math.prod(batch)
+    shared = is_shared(tril, batch)
     if k <= SHARED_SOLVE_MIN_K or (k <= UNROLL_MAX_K and not shared):
         return solve_unrolled(tril, rhs, transpose)
     if not shared:
