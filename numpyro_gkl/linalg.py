@@ -1,6 +1,7 @@
 """Numerical building blocks shared by the KL rules.
 
-Everything here is elementwise or a triangular solve; nothing forms a covariance inverse Σ⁻¹.
+Everything here is elementwise, a matmul or a triangular solve or inverse; nothing forms a
+covariance inverse Σ⁻¹.
 """
 
 from __future__ import annotations
@@ -90,37 +91,122 @@ def strict_lower_sq_sum(m: Array) -> Array:
     return jnp.sum(jnp.square(jnp.tril(m, -1)), axis=(-2, -1))
 
 
-# Blocks of at most this size are multiplied densely by ``strict_lower_sq_sum_of_product``
+# Blocks of at most this size are multiplied densely by ``sq_sum_of_product``
 # (leaves 8, 16 and 32 measured within noise of each other in the kl_speed.py grid).
 _PRODUCT_LEAF = 8
 
 
-def _product_transposed(a: Array, b: Array) -> Array:
+def product_transposed(a: Array, b: Array) -> Array:
     """(AB)ᵀ = BᵀAᵀ, contracting B's rows: with A shared by B's batch this is one GEMM over the
     batch rows, where ``a @ b`` lowers to a (K, batch·K) product and a transposed copy of it
     (1.1–1.3× faster at K = 32 in ``kl_speed.py``'s cell)."""
     return jnp.einsum("...ji,...kj->...ik", b, a)
 
 
-def strict_lower_sq_sum_of_product(a: Array, b: Array) -> Array:
-    """``Σ_{i>j} (AB)ᵢⱼ²`` for lower-triangular A and B (… × K × K, batch shapes broadcast).
+def sq_sum_of_product(a: Array, b: Array) -> Array:
+    """``‖AB‖²_F`` for lower-triangular A and B (… × K × K, batch shapes broadcast) whose upper
+    triangles are zero.
 
     With h = K/2, AB = [[A₁₁B₁₁, 0], [A₂₁B₁₁ + A₂₂B₂₁, A₂₂B₂₂]]: the off-diagonal block is the
     single dense product A[h:, :] B[:, :h] (a quarter of the dense flops) and the diagonal blocks
     recurse, so the product costs about a third of the dense 2K³ flops per batch element, forward
     and backward, and AB is never assembled. A shared A (smaller batch shape) is not copied; the
-    blocks are formed transposed (``_product_transposed``), which leaves the sums unchanged.
+    blocks are formed transposed (``product_transposed``), which leaves the sums unchanged.
     """
     k = a.shape[-1]
     if k <= _PRODUCT_LEAF:
-        return jnp.sum(jnp.square(jnp.triu(_product_transposed(a, b), 1)), axis=(-2, -1))
+        return jnp.sum(jnp.square(product_transposed(a, b)), axis=(-2, -1))
     h = k // 2
-    off = _product_transposed(a[..., h:, :], b[..., :, :h])
+    off = product_transposed(a[..., h:, :], b[..., :, :h])
     return (
-        strict_lower_sq_sum_of_product(a[..., :h, :h], b[..., :h, :h])
-        + strict_lower_sq_sum_of_product(a[..., h:, h:], b[..., h:, h:])
+        sq_sum_of_product(a[..., :h, :h], b[..., :h, :h])
+        + sq_sum_of_product(a[..., h:, h:], b[..., h:, h:])
         + jnp.sum(jnp.square(off), axis=(-2, -1))
     )
+
+
+@jax.custom_jvp
+def diagonal(m: Array) -> Array:
+    """The diagonal of ``m`` (… × K × K → … × K), whose derivative is an elementwise mask.
+
+    The tangent is Σⱼ dMᵢⱼ Iᵢⱼ, so reverse mode returns ``ct[..., None] * I``: an elementwise
+    product that XLA fuses with the other contributions to M's cotangent, where
+    ``jnp.diagonal``'s transpose is a scatter, one more pass over the … × K × K array (15–25 %
+    of a full-against-full gradient at K = 8 … 32 in ``kl_speed.py``). Cost: O(K).
+    """
+    return jnp.diagonal(m, axis1=-2, axis2=-1)
+
+
+@diagonal.defjvp
+def _diagonal_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    (m,), (dm,) = primals, tangents
+    return diagonal(m), jnp.sum(dm * jnp.eye(m.shape[-1], dtype=dm.dtype), -1)
+
+
+# Diagonal blocks of at most this size are inverted by substitution written out entry by entry.
+_INVERSE_LEAF = 8
+
+
+def _diagonal_blocks(m: Array, size: int) -> Array:
+    """The K/size diagonal blocks of ``m`` (… × K × K) as … × (K/size) × size × size."""
+    n = m.shape[-1] // size
+    blocks = jnp.diagonal(m.reshape(*m.shape[:-2], n, size, n, size), axis1=-4, axis2=-2)
+    return jnp.moveaxis(blocks, -1, -3)
+
+
+def _leaf_inverse(tril: Array) -> Array:
+    """L⁻¹ of small lower-triangular blocks by substitution, elementwise over the batch:
+    Xⱼⱼ = 1/Lⱼⱼ, Xᵢⱼ = −(Σ_{j≤m<i} Lᵢₘ Xₘⱼ)/Lᵢᵢ. The event axes go in front first, so that
+    every entry is a contiguous batch-shaped array. Cost: s³/6 multiply-adds per block."""
+    s = tril.shape[-1]
+    e = jnp.moveaxis(tril, (-2, -1), (0, 1))
+    x: dict[tuple[int, int], Array] = {}
+    for j in range(s):
+        x[j, j] = 1.0 / e[j, j]
+        for i in range(j + 1, s):
+            acc = e[i, j] * x[j, j]
+            for m in range(j + 1, i):
+                acc = acc + e[i, m] * x[m, j]
+            x[i, j] = -acc / e[i, i]
+    zero = jnp.zeros_like(e[0, 0])
+    rows = [jnp.stack([x.get((i, j), zero) for j in range(s)], -1) for i in range(s)]
+    return jnp.stack(rows, -2)
+
+
+def tril_inverse(tril: Array) -> Array:
+    """L⁻¹ for lower-triangular L (… × K × K; the upper triangle is ignored), by blocks.
+
+    [[A, 0], [C, D]]⁻¹ = [[A⁻¹, 0], [−D⁻¹CA⁻¹, D⁻¹]], applied bottom up: L is padded with an
+    identity block to s·2ᵐ (s ≤ 8, padding < 2ᵐ), its s × s diagonal blocks are inverted by
+    substitution (``_leaf_inverse``, elementwise over the batch and the blocks), then each level
+    joins pairs of inverted blocks with two batched matmuls over all pairs at once. The upper
+    triangle of the result is exactly zero. K³/3 flops, all in matmuls: XLA's batched triangular
+    solve calls LAPACK once per matrix, single-threaded, which at K = 32 took 1.6× longer for a
+    batch of 1000 (``kl_speed.py``), and the inverse needs no LAPACK call, so no deadlock.
+    """
+    k = tril.shape[-1]
+    levels = max(0, math.ceil(math.log2(k / _INVERSE_LEAF)))
+    leaf = math.ceil(k / 2**levels)
+    size = leaf * 2**levels
+    if size > k:
+        pad = [(0, 0)] * (tril.ndim - 2) + [(0, size - k), (0, size - k)]
+        tril = jnp.pad(tril, pad) + jnp.diag((jnp.arange(size) >= k).astype(tril.dtype))
+    inv = _leaf_inverse(_diagonal_blocks(tril, leaf))
+    s = leaf
+    while s < size:
+        pairs = inv.reshape(*inv.shape[:-3], size // (2 * s), 2, s, s)
+        a_inv, d_inv = pairs[..., 0, :, :], pairs[..., 1, :, :]
+        c = _diagonal_blocks(tril, 2 * s)[..., s:, :s]
+        low = -(d_inv @ (c @ a_inv))
+        inv = jnp.concatenate(
+            [
+                jnp.concatenate([a_inv, jnp.zeros_like(a_inv)], -1),
+                jnp.concatenate([low, d_inv], -1),
+            ],
+            -2,
+        )
+        s *= 2
+    return inv[..., 0, :k, :k]
 
 
 # Up to these K a substitution written out row by row (elementwise over the batch, fused by XLA)
@@ -226,7 +312,7 @@ def solve_lower(tril: Array, rhs: Array, transpose: bool = False) -> Array:
     ``rhs`` is … × K × n.
 
     Batch shapes broadcast like NumPy's. A factor shared by a batch of right-hand sides (its batch
-    shape smaller than the broadcast one) is inverted once (one triangular solve against I,
+    shape smaller than the broadcast one) is inverted once (``tril_inverse``,
     O(K³/3)) and applied by a broadcasting matmul, never copied per batch element. Small K is
     solved by unrolled substitution. Cost: O(K² n) per right-hand side.
     """
@@ -239,7 +325,7 @@ def solve_lower(tril: Array, rhs: Array, transpose: bool = False) -> Array:
         tril = jnp.broadcast_to(tril, (*batch, k, k))
         rhs = jnp.broadcast_to(rhs, (*batch, *rhs.shape[-2:]))
         return triangular_solve(tril, rhs, transpose)
-    # A factor shared along some batch axes: invert it once (one solve against I) and apply it
+    # A factor shared along some batch axes: invert it once (``tril_inverse``) and apply it
     # with a broadcasting matmul, which neither copies the factor nor the right-hand sides.
-    inv = triangular_solve(tril, jnp.broadcast_to(jnp.eye(k, dtype=tril.dtype), tril.shape), False)
+    inv = tril_inverse(tril)
     return jnp.matmul(jnp.swapaxes(inv, -1, -2) if transpose else inv, rhs)

@@ -11,13 +11,17 @@ import pytest
 from conftest import (
     STRUCTURES,
     assert_close,
+    build,
     built_kl,
     dense_kl,
     normal_kl,
     random_gaussian,
+    random_tril,
     rng_for,
 )
 from numpyro.distributions.kl import kl_divergence
+
+from numpyro_gkl.linalg import tril_inverse
 
 PAIRS = list(itertools.product(STRUCTURES, STRUCTURES))
 RTOL = 1e-10
@@ -201,13 +205,39 @@ def test_batch_broadcasting(sp, sq, bp, bq):
         assert_close(kl[idx], expected, rtol=RTOL, what=str(idx))
 
 
-@pytest.mark.parametrize("k", [9, 21, 40])
-def test_shared_full_q_blocked_product(k):
-    """Full p's against one shared full q at K where the blocked triangular product recurses."""
-    rng = rng_for("shared-blocked", k)
-    p = random_gaussian(rng, "scale_tril", k, (3,))
-    q = random_gaussian(rng, "covariance_matrix", k, ())
+@pytest.mark.parametrize(
+    ("k", "q_batch"),
+    [(9, ()), (40, ()), (72, ()), (9, (3,)), (40, (3,)), (136, (3,))],
+    ids=lambda v: str(v),
+)
+def test_full_pair_by_inverse(k, q_batch):
+    """Full p's against full q's on every path above the unrolled sizes: Lq⁻¹ by blocks (padded
+    to the block grid at K = 9, 40, 72, 136), then the dense product (K ≤ 64 shared, ≤ 128 per
+    element) or the blocked one (K = 72 shared, 136 per element)."""
+    rng = rng_for("full-by-inverse", k, len(q_batch))
+    # off-diagonals scaled so that the covariances stay conditioned (≤ 1e5) for the dense reference
+    off = 0.3 * min(1.0, (32 / k) ** 0.5)
+    lp, lq = random_tril(rng, k, (3,), off), random_tril(rng, k, q_batch, off)
+    p = build("scale_tril", {"loc": rng.normal(size=(3, k)), "scale_tril": lp})
+    cov_q = lq @ np.swapaxes(lq, -1, -2)
+    mq = rng.normal(size=(*q_batch, k))
+    q = build("covariance_matrix", {"loc": mq, "covariance_matrix": cov_q})
     kl = np.asarray(kl_divergence(p.dist, q.dist))
     for i in range(3):
-        expected = dense_kl(p.loc[i], p.cov[i], q.loc, q.cov)
+        qi = (q.loc, q.cov) if not q_batch else (q.loc[i], q.cov[i])
+        expected = dense_kl(p.loc[i], p.cov[i], *qi)
         assert_close(kl[i], expected, rtol=RTOL, what=f"element {i}")
+
+
+@pytest.mark.parametrize("k", [1, 7, 8, 9, 40, 136])
+@pytest.mark.parametrize("batch", [(), (2, 3)], ids=str)
+def test_tril_inverse_matches_numpy(k, batch):
+    """``linalg.tril_inverse`` against ``np.linalg.inv``; the upper triangle of the input is
+    ignored and that of the result is exactly zero."""
+    rng = rng_for("tril-inverse", k, len(batch))
+    a = rng.normal(size=(*batch, k, k))
+    tril = np.tril(a, -1) / np.sqrt(k) + np.eye(k) * rng.uniform(0.5, 2.0, size=(*batch, 1, k))
+    got = np.asarray(tril_inverse(jnp.asarray(tril + np.triu(a, 1))))
+    assert got.shape == tril.shape
+    assert np.all(np.triu(got, 1) == 0.0)
+    assert_close(got, np.linalg.inv(tril), rtol=1e-12, atol=1e-12)
