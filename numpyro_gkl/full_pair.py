@@ -55,10 +55,10 @@ from numpyro_gkl.linalg import (
 )
 
 # Up to these K the product Lq⁻¹D is formed densely (K³ flops), above them by blocks (K³/3 flops
-# in more, smaller matmuls): kl_speed.py, dense against blocked, fwd / fwd+grad: shared K = 32
-# 1.16 / 1.04× against 1.06 / 0.86× upstream, K = 128 1.19 / 0.90× against 1.58 / 1.07×;
-# per element K = 128 1.30 / 1.21× against 0.54 / 0.99×, K = 2048 1.46 / 1.40× against
-# 3.08 / 2.38×.
+# in more, smaller matmuls). benchmarks/full_pair_forms.py, upstream/ours fwd / fwd+grad, dense
+# against blocked: shared K = 32 1.09 / 1.23× against 1.27 / 0.99×, K = 128 1.04 / 1.02× against
+# 1.57 / 1.17×; per element K = 128 1.33 / 1.36× against 0.90 / 1.02×, K = 2048 1.78 / 1.49×
+# against 2.86 / 2.18×.
 _DENSE_MAX_K_SHARED = 64
 _DENSE_MAX_K_PER_ELEMENT = 128
 

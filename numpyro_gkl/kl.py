@@ -57,6 +57,7 @@ from numpyro_gkl.linalg import (
     solve_lower,
     strict_lower_sq_sum,
     trace_minus_log_det_1p,
+    tril_inverse,
     x_minus_log1p,
 )
 
@@ -97,15 +98,14 @@ def _cov_vs_diag(p: Gaussian, sq: Array) -> Array:
 
 
 def _vs_tril(p: Gaussian, lq: Array, delta: Array) -> Array:
-    """f(Σp ‖ Lq Lqᵀ) + δᵀΣq⁻¹δ with one triangular solve per call.
+    """f(Σp ‖ Lq Lqᵀ) + δᵀΣq⁻¹δ.
 
     Full p: ``full_pair.twice_kl`` (M − I = Lq⁻¹(Lp − Lq): the off-diagonals come from the exact
-    difference and keep their digits): up to K = 8 the substitution Lq⁻¹ [Lp − Lq | δ] unrolled
-    over the triangles' entries, one elementwise pass over the batch, then one solve (Lq⁻¹ once
-    and a blocked product when q's factor is shared by the batch), with a hand-written
-    derivative where it measured faster than autodiff. Diagonal or low-rank p: Lq⁻¹ once per q,
-    O(K³/3), then column norms and matmuls, O(K²) (O(K² r) low rank) per p. One solve, not two:
-    two independent batched solves in one program can deadlock XLA's CPU thread pool
+    difference and keep their digits): for small K the substitution Lq⁻¹ [Lp − Lq | δ] unrolled
+    over the triangles' entries, one elementwise pass over the batch, else Lq⁻¹ by blocks (once
+    when q's factor is shared by the batch) and one product. Diagonal or low-rank p: Lq⁻¹ once per
+    q, O(K³/3), then column norms and matmuls, O(K²) (O(K² r) low rank) per p. No two
+    independent batched solves in one program: those can deadlock XLA's CPU thread pool
     (jaxlib 0.10).
     """
     k = lq.shape[-1]
@@ -113,7 +113,7 @@ def _vs_tril(p: Gaussian, lq: Array, delta: Array) -> Array:
         return twice_kl(p.scale_tril, lq, delta)
     sp = p.scale if isinstance(p, Diagonal) else jnp.sqrt(p.cov_diag)
     # M = Lq⁻¹ diag(sp): its strict lower part needs the column norms of Lq⁻¹.
-    lq_inv = solve_lower(lq, jnp.eye(k, dtype=lq.dtype))
+    lq_inv = tril_inverse(lq)
     col = jnp.sum(jnp.square(jnp.tril(lq_inv, -1)), -2)
     f = _diag_terms(sp, _diag(lq)) + jnp.sum(jnp.square(sp) * col, -1)
     if isinstance(p, LowRank):

@@ -131,8 +131,8 @@ def diagonal(m: Array) -> Array:
 
     The tangent is Σⱼ dMᵢⱼ Iᵢⱼ, so reverse mode returns ``ct[..., None] * I``: an elementwise
     product that XLA fuses with the other contributions to M's cotangent, where
-    ``jnp.diagonal``'s transpose is a scatter, one more pass over the … × K × K array (15–25 %
-    of a full-against-full gradient at K = 8 … 32 in ``kl_speed.py``). Cost: O(K).
+    ``jnp.diagonal``'s transpose is a scatter, one more pass over the … × K × K array (a 1.4×
+    slower full-against-full gradient at K = 8, ``benchmarks/full_pair_forms.py``). Cost: O(K).
     """
     return jnp.diagonal(m, axis1=-2, axis2=-1)
 
@@ -182,7 +182,8 @@ def tril_inverse(tril: Array) -> Array:
     joins pairs of inverted blocks with two batched matmuls over all pairs at once. The upper
     triangle of the result is exactly zero. K³/3 flops, all in matmuls: XLA's batched triangular
     solve calls LAPACK once per matrix, single-threaded, which at K = 32 took 1.6× longer for a
-    batch of 1000 (``kl_speed.py``), and the inverse needs no LAPACK call, so no deadlock.
+    batch of 1000 (``benchmarks/full_pair_forms.py``), and the inverse needs no LAPACK call, so
+    no deadlock.
     """
     k = tril.shape[-1]
     levels = max(0, math.ceil(math.log2(k / _INVERSE_LEAF)))
