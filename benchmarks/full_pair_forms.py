@@ -9,14 +9,16 @@ float32, K = 8 and 32 with a shared q, K = 32 and 128 with one q per guide; ``fw
 ``fwd+grad`` w.r.t. p), the median time of:
 
 - ``upstream``: NumPyro's MVN–MVN rule, captured before registration;
-- ``shipped``: ``kl_divergence`` with numpyro-gkl registered;
+- ``shipped``: ``kl_divergence`` with numpyro-gkl registered (with a shared q up to K = 64 the
+  product of Lq⁻¹ and D by blocks, differentiated through the dense product);
 - ``solve``: Lq⁻¹[D | δ] by XLA's batched triangular solve (LAPACK per matrix), D = tril(Lp − Lq);
 - ``masked``: Lq⁻¹ by blocks, but the strict lower triangle of Lq⁻¹D masked and summed apart from
   the diagonal term (the previous form);
 - ``scatter``: the shipped form with ``jnp.diagonal``, whose derivative is a scatter;
-- ``other product``: the shipped form with the other product of Lq⁻¹ and D: blocked
-  (``linalg.sq_sum_of_product``, a third of the flops) where the shipped form is dense, dense where
-  it is blocked.
+- ``other product``: the shipped form with the other product of Lq⁻¹ and D where the shipped form
+  uses one product both ways (blocked, ``linalg.sq_sum_of_product``, a third of the flops, where
+  it is dense; dense where it is blocked), and the blocked one both ways where it mixes them
+  (a shared q up to K = 64; ``scatter`` is dense both ways there).
 
 Every form computes the same KL (checked against upstream to 1e-3 relative). A round calls every
 form in turn, in an order rotated every round; ratios are upstream / form (above 1: faster).

@@ -14,10 +14,10 @@ Paths, chosen from static shapes (jit-friendly):
   triangles' entries, elementwise over the batch (``linalg.solve_sq_sums_unrolled``); for
   4 < K ≤ 8 with a hand-written derivative (below), autodiff otherwise;
 - otherwise Lq⁻¹ by blocks (``linalg.tril_inverse``, matmuls only; once when Lq is shared by the
-  batch), then Y by matmul: a dense product up to K = 64 (shared) or 128 (per element), where it
-  measured faster, and a blocked triangular product of a third of the flops above
-  (``linalg.sq_sum_of_product``). Autodiff, with the diagonal's derivative as a mask
-  (``linalg.diagonal``).
+  batch), then Y by matmul: a dense product up to K = 128 per element, a blocked triangular
+  product of a third of the flops above (``linalg.sq_sum_of_product``); with a shared Lq⁻¹ the
+  blocked product, differentiated through the dense one up to K = 64. Autodiff, with the
+  diagonal's derivative as a mask (``linalg.diagonal``).
 
 The hand-written derivative, from dY = Lq⁻¹(dD − tril(dLq) Y) and dz = Lq⁻¹(dδ − tril(dLq) z),
 with S = tril(Y, −1), G = 2 Lq⁻ᵀS and w = 2 Lq⁻ᵀz,
@@ -54,11 +54,11 @@ from numpyro_gkl.linalg import (
     x_minus_log1p,
 )
 
-# Up to these K the product Lq⁻¹D is formed densely (K³ flops), above them by blocks (K³/3 flops
-# in more, smaller matmuls). benchmarks/full_pair_forms.py, upstream/ours fwd / fwd+grad, dense
-# against blocked: shared K = 32 1.09 / 1.23× against 1.27 / 0.99×, K = 128 1.04 / 1.02× against
-# 1.57 / 1.17×; per element K = 128 1.33 / 1.36× against 0.90 / 1.02×, K = 2048 1.78 / 1.49×
-# against 2.86 / 2.18×.
+# Up to these K the derivative (shared) or the whole product Lq⁻¹D (per element) is formed densely
+# (K³ flops), above them by blocks (K³/3 flops in more, smaller matmuls). benchmarks/
+# full_pair_forms.py, upstream/ours fwd / fwd+grad, blocked against dense: shared K = 32
+# 1.34 / 0.83× against 1.21 / 0.95×, K = 128 1.83 / 1.17× against 1.19 / 1.03×; per element
+# K = 128 0.88 / 0.98× against 1.35 / 1.25×, K = 2048 2.93 / 2.16× against 1.77 / 1.51×.
 _DENSE_MAX_K_SHARED = 64
 _DENSE_MAX_K_PER_ELEMENT = 128
 
@@ -97,11 +97,30 @@ def _twice_kl_by_inverse(lp: Array, lq: Array, delta: Array, shared: bool) -> Ar
     if k > (_DENSE_MAX_K_SHARED if shared else _DENSE_MAX_K_PER_ELEMENT):
         y_sq = sq_sum_of_product(lq_inv, diff)
     elif shared:
-        y_sq = jnp.sum(jnp.square(product_transposed(lq_inv, diff)), (-2, -1))
+        y_sq = _sq_sum_blocked_dense_derivative(lq_inv, diff)
     else:
         y_sq = jnp.sum(jnp.square(lq_inv @ diff), (-2, -1))
     z = (lq_inv @ delta[..., None])[..., 0]
     return y_sq + 2.0 * jnp.sum(x_minus_log1p((a - b) / b), -1) + jnp.sum(jnp.square(z), -1)
+
+
+def _sq_sum_dense(lq_inv: Array, diff: Array) -> Array:
+    """‖Lq⁻¹D‖²_F by one dense product (formed transposed: one GEMM for a shared Lq⁻¹)."""
+    return jnp.sum(jnp.square(product_transposed(lq_inv, diff)), (-2, -1))
+
+
+@jax.custom_jvp
+def _sq_sum_blocked_dense_derivative(lq_inv: Array, diff: Array) -> Array:
+    """‖Lq⁻¹D‖²_F by the blocked product (a third of the flops), differentiated through the
+    dense one: with a shared Lq⁻¹ the blocked forward is faster, and the dense derivative (two
+    GEMMs over the batch) beats the blocked one's many small matmuls
+    (``benchmarks/full_pair_forms.py``, K = 32)."""
+    return sq_sum_of_product(lq_inv, diff)
+
+
+_sq_sum_blocked_dense_derivative.defjvp(
+    lambda primals, tangents: jax.jvp(_sq_sum_dense, primals, tangents)
+)
 
 
 def _inner(weight: Array, tangent: Array | SymbolicZero, axes: tuple[int, ...]) -> Array | float:
