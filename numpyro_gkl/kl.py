@@ -53,6 +53,7 @@ from numpyro_gkl.gaussian import (
     entropy,
 )
 from numpyro_gkl.linalg import (
+    diagonal,
     scale_ratio_term,
     solve_lower,
     strict_lower_sq_sum,
@@ -62,10 +63,6 @@ from numpyro_gkl.linalg import (
 )
 
 _LOG_2PI = math.log(2 * math.pi)
-
-
-def _diag(m: Array) -> Array:
-    return jnp.diagonal(m, axis1=-2, axis2=-1)
 
 
 def _sq_norm(x: Array) -> Array:
@@ -84,7 +81,7 @@ def _cov_vs_diag(p: Gaussian, sq: Array) -> Array:
         return _diag_terms(p.scale, sq)
     if isinstance(p, Tril):
         m = p.scale_tril / sq[..., :, None]
-        return _diag_terms(_diag(p.scale_tril), sq) + strict_lower_sq_sum(m)
+        return _diag_terms(diagonal(p.scale_tril), sq) + strict_lower_sq_sum(m)
     assert isinstance(p, LowRank)
     dq = jnp.square(sq)
     dd = -square_minus(sq, p.cov_diag)  # Dp − σq², exact to one rounding when Dp ≈ σq²
@@ -115,11 +112,11 @@ def _vs_tril(p: Gaussian, lq: Array, delta: Array) -> Array:
     # M = Lq⁻¹ diag(sp): its strict lower part needs the column norms of Lq⁻¹.
     lq_inv = tril_inverse(lq)
     col = jnp.sum(jnp.square(jnp.tril(lq_inv, -1)), -2)
-    f = _diag_terms(sp, _diag(lq)) + jnp.sum(jnp.square(sp) * col, -1)
+    f = _diag_terms(sp, diagonal(lq)) + jnp.sum(jnp.square(sp) * col, -1)
     if isinstance(p, LowRank):
         # Mixes a Cholesky with a low-rank factor: the pieces cancel when p ≈ q.
         lp = p.capacitance_tril()
-        f = f + _sq_norm(lq_inv @ p.cov_factor) - 2.0 * jnp.sum(jnp.log(_diag(lp)), -1)
+        f = f + _sq_norm(lq_inv @ p.cov_factor) - 2.0 * jnp.sum(jnp.log(diagonal(lp)), -1)
         f = _exact_when_close(
             jnp.maximum(f, 0.0), k, _exact_lowrank_vs_tril, p.cov_factor, p.cov_diag, jnp.tril(lq)
         )
@@ -226,7 +223,8 @@ def _cov_vs_lowrank(p: Gaussian, q: LowRank) -> Array:
     y = q.cov_factor / q.cov_diag[..., None]  # Dq⁻¹ Wq
     lp = jnp.tril(p.scale_tril)  # a factor's upper triangle is ignored everywhere
     correction = _sq_norm(solve_lower(lc, jnp.swapaxes(y, -1, -2) @ lp))
-    f = _cov_vs_diag(p, jnp.sqrt(q.cov_diag)) + 2.0 * jnp.sum(jnp.log(_diag(lc)), -1) - correction
+    log_det_c = 2.0 * jnp.sum(jnp.log(diagonal(lc)), -1)
+    f = _cov_vs_diag(p, jnp.sqrt(q.cov_diag)) + log_det_c - correction
     return _exact_when_close(
         jnp.maximum(f, 0.0), p.dim, _exact_tril_vs_lowrank, lp, q.cov_factor, q.cov_diag
     )
