@@ -97,6 +97,12 @@ def random_tril(rng: np.random.Generator, k: int, batch_shape=(), off=0.3) -> np
     return low + diag[..., :, None] * np.eye(k)
 
 
+def conditioned_tril(rng: np.random.Generator, k: int, batch_shape=()) -> np.ndarray:
+    """``random_tril`` with off-diagonals scaled by min(1, √(32/K)), so that L Lᵀ stays
+    conditioned (≤ 1e5) for the dense float64 references at large K."""
+    return random_tril(rng, k, batch_shape, off=0.3 * min(1.0, (32 / k) ** 0.5))
+
+
 def random_params(rng: np.random.Generator, structure: str, k: int, batch_shape=()) -> dict:
     """Random float64 parameters (NumPy arrays) for ``structure`` at ``batch_shape``."""
     batch_shape = tuple(batch_shape)

@@ -15,6 +15,7 @@ from conftest import (
     FULL,
     STRUCTURES,
     assert_close,
+    conditioned_tril,
     dense_cov,
     dense_kl,
     make_dist,
@@ -299,8 +300,9 @@ def test_hessian_finite_for_zero_low_rank_factor():
 FULL_PAIR_B = 3
 
 
-# K = 6: the rule (q per p), the dense product (shared); 12: dense; 72: blocked (shared), dense
-# (per p); 136: blocked, both with Lq⁻¹ padded to the block grid
+# K = 6: the rule (q per p), the blocked product differentiated through the dense one (shared);
+# 12: dense (per p), blocked/dense (shared); 72: blocked (shared), dense (per p); 136: blocked,
+# both with Lq⁻¹ padded to the block grid
 @pytest.mark.parametrize("k", [6, 12, 72, 136])
 @pytest.mark.parametrize("q_batch", [(), (FULL_PAIR_B,)], ids=["q shared", "q per p"])
 def test_full_pair_gradients_match_analytic(k, q_batch):
@@ -309,10 +311,8 @@ def test_full_pair_gradients_match_analytic(k, q_batch):
     rng = rng_for("full_pair", k, len(q_batch))
     pp = random_params(rng, "scale_tril", k, (FULL_PAIR_B,))
     pq = random_params(rng, "scale_tril", k, q_batch)
-    # off-diagonals scaled so that the covariances stay conditioned for the dense reference
-    off = 0.3 * min(1.0, (32 / k) ** 0.5)
-    pp["scale_tril"] = random_tril(rng, k, (FULL_PAIR_B,), off)
-    pq["scale_tril"] = random_tril(rng, k, q_batch, off)
+    pp["scale_tril"] = conditioned_tril(rng, k, (FULL_PAIR_B,))
+    pq["scale_tril"] = conditioned_tril(rng, k, q_batch)
 
     def f(a, b):
         return jnp.sum(kl_divergence(make_dist("scale_tril", a), make_dist("scale_tril", b)))

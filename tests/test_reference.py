@@ -13,10 +13,10 @@ from conftest import (
     assert_close,
     build,
     built_kl,
+    conditioned_tril,
     dense_kl,
     normal_kl,
     random_gaussian,
-    random_tril,
     rng_for,
 )
 from numpyro.distributions.kl import kl_divergence
@@ -212,12 +212,10 @@ def test_batch_broadcasting(sp, sq, bp, bq):
 )
 def test_full_pair_by_inverse(k, q_batch):
     """Full p's against full q's on every path above the unrolled sizes: Lq⁻¹ by blocks (padded
-    to the block grid at K = 9, 40, 72, 136), then the dense product (K ≤ 64 shared, ≤ 128 per
-    element) or the blocked one (K = 72 shared, 136 per element)."""
+    to the block grid at K = 9, 40, 72, 136), then the dense product (K ≤ 128 per element) or
+    the blocked one (a shared q, and K = 136 per element)."""
     rng = rng_for("full-by-inverse", k, len(q_batch))
-    # off-diagonals scaled so that the covariances stay conditioned (≤ 1e5) for the dense reference
-    off = 0.3 * min(1.0, (32 / k) ** 0.5)
-    lp, lq = random_tril(rng, k, (3,), off), random_tril(rng, k, q_batch, off)
+    lp, lq = conditioned_tril(rng, k, (3,)), conditioned_tril(rng, k, q_batch)
     p = build("scale_tril", {"loc": rng.normal(size=(3, k)), "scale_tril": lp})
     cov_q = lq @ np.swapaxes(lq, -1, -2)
     mq = rng.normal(size=(*q_batch, k))
