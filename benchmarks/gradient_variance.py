@@ -154,14 +154,13 @@ def estimator_draws(
 
 
 def step_timers(
-    case: Case, guide, particles: int, steps: int, clock: str, scan: bool, refresh_every: int = 4
+    case: Case, guide, particles: int, steps: int, clock: str, scan: bool
 ) -> dict[str, Callable[[], float]]:
     """Per estimator, a function timing ``steps`` SVI steps and returning seconds per step.
 
     ``Trace_ELBO``, ``kl="adaptive"`` with ``with_adaptive_state(guide)`` (its state in
     ``SVIState.mutable_state``) and ``kl="adaptive"`` with the bare guide (leave one out), all
-    with ``particles`` particles (the running one refreshing its moments every
-    ``refresh_every``-th step). A step is one call of the jitted ``SVI.update``, or with
+    with ``particles`` particles. A step is one call of the jitted ``SVI.update``, or with
     ``scan`` one iteration of a jitted ``lax.scan`` of ``SVI.update`` (as ``SVI.run`` does: no
     per-call dispatch). ``clock``: ``"cpu"``, this process's CPU time, which other processes on
     a shared machine disturb far less than ``"wall"``, the elapsed time. Each is compiled and
@@ -171,7 +170,7 @@ def step_timers(
         "Trace_ELBO": (guide, Trace_ELBO(num_particles=particles)),
         "adaptive": (
             with_adaptive_state(guide),
-            TraceAnalytic_ELBO(particles, kl="adaptive", refresh_every=refresh_every),
+            TraceAnalytic_ELBO(particles, kl="adaptive"),
         ),
         "adaptive-loo": (guide, TraceAnalytic_ELBO(particles, kl="adaptive")),
     }
@@ -214,10 +213,10 @@ def _timer(svi: SVI, state, case: Case, steps: int, clock: str, scan: bool):
 
 
 def step_times(
-    case: Case, guide, particles: int, steps: int, reps: int, clock: str, scan: bool, every: int
+    case: Case, guide, particles: int, steps: int, reps: int, clock: str, scan: bool
 ) -> dict[str, float]:
     """Median seconds per step of each estimator, repetitions interleaved across estimators."""
-    timers = step_timers(case, guide, particles, steps, clock, scan, every)
+    timers = step_timers(case, guide, particles, steps, clock, scan)
     times = {name: [] for name in timers}
     for _ in range(reps):
         for name, timer in timers.items():
@@ -248,7 +247,6 @@ def main() -> None:
     parser.add_argument("--reps-time", type=int, default=15, help="timing repetitions")
     parser.add_argument("--clock", choices=tuple(CLOCKS), default="cpu", help="timing clock")
     parser.add_argument("--scan", action="store_true", help="time steps inside lax.scan")
-    parser.add_argument("--refresh-every", type=int, default=4, help="adaptive's refresh period")
     parser.add_argument("--quick", action="store_true", help="200 draws, 500 fit steps, fewer rows")
     parser.add_argument("--markdown", action="store_true")
     parser.add_argument("--cost-only", action="store_true", help="only the per-step cost table")
@@ -286,16 +284,7 @@ def main() -> None:
             )
         if args.variance_only:
             continue
-        t = step_times(
-            case,
-            guide,
-            args.particles,
-            time_steps,
-            time_reps,
-            args.clock,
-            args.scan,
-            args.refresh_every,
-        )
+        t = step_times(case, guide, args.particles, time_steps, time_reps, args.clock, args.scan)
         cost_rows.append(
             [
                 case.label,
@@ -309,7 +298,7 @@ def main() -> None:
         ""
         if args.variance_only
         else f"; per-step cost: {args.clock} time, median of {time_reps} interleaved repetitions "
-        f"of {time_steps} {unit}, adaptive refreshing every {args.refresh_every} steps"
+        f"of {time_steps} {unit}"
     )
     print(
         machine_line(

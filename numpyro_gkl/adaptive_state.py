@@ -14,8 +14,8 @@ The state is one float vector (all zeros at ``SVI.init``, updated only by
 vector in development measurements. ``unpack`` names its parts, for C latent sites
 (``state_sites`` order: sorted names):
 
-- ``steps``: SVI steps taken so far (the moments are refreshed on every k-th);
-- ``weight``, ``weight_sq``: Σ_τ λ^(r−τ) and Σ_τ λ^2(r−τ) over the refreshes τ < r so far;
+- ``steps``: SVI steps taken so far;
+- ``weight``, ``weight_sq``: Σ_τ λ^(t−1−τ) and Σ_τ λ^2(t−1−τ) over the steps τ < t so far;
 - ``b``, ``b_sq`` (C,): per site s, the λ-weighted sums of b̂ₛ and b̂ₛ²;
 - ``m`` (C × C): the λ-weighted sum of M̂.
 
@@ -119,8 +119,11 @@ def unwrap(guide: Callable) -> Callable:
     return guide.guide if isinstance(guide, AdaptiveStateGuide) else guide
 
 
-def _indices(state: Array, order: list[str], names: list[str]) -> np.ndarray:
-    """Positions of ``names`` in ``order``; raises ``ValueError`` if the state does not fit."""
+def _embedding(state: Array, order: list[str], names: list[str]) -> np.ndarray:
+    """The 0/1 matrix (C × S) placing the sites ``names`` at their positions in ``order``;
+    raises ``ValueError`` if the state does not fit. A constant: selecting and placing with it
+    are small products, where indexing would be a gather and a scatter, each an XLA kernel
+    that costs a small model's step on CPU more than the products."""
     missing = [n for n in names if n not in order]
     if missing or num_sites(state) != len(order):
         raise ValueError(
@@ -128,36 +131,31 @@ def _indices(state: Array, order: list[str], names: list[str]) -> np.ndarray:
             f"({order}){f', without {missing}' if missing else ''}: wrap the guide that SVI "
             "runs, with_adaptive_state(guide), and keep its latent sites fixed"
         )
-    return np.array([order.index(n) for n in names], dtype=np.int64)
+    positions = np.array([order.index(n) for n in names], dtype=np.int64)
+    return np.asarray(np.arange(len(order))[:, None] == positions, dtype=state.dtype)
 
 
 def moments(state: Array, order: list[str], names: list[str]) -> tuple[Array, ...]:
     """``(weight, weight_sq, b, b_sq, m)`` of the sites ``names`` (``order``: the state's sites)."""
-    idx = _indices(state, order, names)
+    e = _embedding(state, order, names)
     parts = unpack(state)
-    m = parts["m"][idx[:, None], idx[None, :]]
-    return parts["weight"], parts["weight_sq"], parts["b"][idx], parts["b_sq"][idx], m
-
-
-def refresh_due(state: Array, every: int) -> Array:
-    """Whether this step refreshes the moments: steps taken so far ≡ 0 (mod ``every``)."""
-    return jnp.mod(state[0], every) == 0
+    m = e.T @ parts["m"] @ e
+    return parts["weight"], parts["weight_sq"], e.T @ parts["b"], e.T @ parts["b_sq"], m
 
 
 def updated(
     state: Array, order: list[str], names: list[str], b_hat: Array, m_hat: Array, decay: float
 ) -> Array:
-    """The state after a refresh: every sum ← λ·sum + this step's value (λ = ``decay``), and
-    one more step.
+    """The state after a step: every sum ← λ·sum + this step's value (λ = ``decay``), and one
+    more step.
 
     ``b_hat`` (S,) and ``m_hat`` (S × S) are this step's estimates for the sites ``names``; the
     other sites' sums only decay (they stay zero). The dtype is kept, so that the state's
-    structure is the same at every step (``SVI.run``'s scan needs it). Cost: O(C²).
+    structure is the same at every step (``SVI.run``'s scan needs it). Cost: O(C² S).
     """
-    idx = _indices(state, order, names)
-    c = len(order)
-    b_step = jnp.zeros(c, state.dtype).at[idx].set(b_hat)
-    m_step = jnp.zeros((c, c), state.dtype).at[idx[:, None], idx].set(m_hat)
+    e = _embedding(state, order, names)
+    b_step = e @ b_hat.astype(state.dtype)
+    m_step = e @ m_hat.astype(state.dtype) @ e.T
     ones = jnp.ones(3, state.dtype)
     step = jnp.concatenate([ones, b_step, jnp.square(b_step), m_step.ravel()])
     rates = np.full(state.shape, decay)
@@ -166,5 +164,5 @@ def updated(
 
 
 def stepped(state: Array) -> Array:
-    """The state after a step without a refresh: one more step, the moments unchanged."""
+    """The state after a step without moments (no site has a closed form): one more step."""
     return state.at[0].add(1.0)

@@ -28,14 +28,14 @@ next to the N gradients.
 ``numpyro_gkl.with_adaptive_state``). With the particle averages ḡ and d̄ₛ of one step,
 b̂ₛ = d̄ₛ · ḡ and M̂ₛₜ = d̄ₛ · d̄ₜ are unbiased for bₛ = Σ_params Cov(d̄ₛ, ḡ) and Mₛₜ = E[d̄ₛ · d̄ₜ]
 without any centring, because E[d̄ₛ] = 0 (E[d̄ₛ · ḡ] = Σ Cov + E[d̄ₛ] · E[ḡ]); averaging over N
-particles divides both by N, so c = −M⁻¹b is the same. The moments are refreshed on every k-th
-step; the coefficients of step t are fitted on λ-weighted sums of b̂ and M̂ over the refreshes
-τ before t, weights wτ = λ^(r−τ):
+particles divides both by N, so c = −M⁻¹b is the same. The moments are refreshed on every
+step; the coefficients of step t are fitted on λ-weighted sums of b̂ and M̂ over the steps
+τ before t, weights wτ = λ^(t−1−τ):
 
     b̄ = Σ wτ b̂τ / Σ wτ,   M̄ = Σ wτ M̂τ / Σ wτ,   c = −(M̄ + λ_r I)⁻¹ b̄ · max(0, 1 − V̂ar(b̄ₛ)/b̄ₛ²),
 
 with V̂ar(b̄ₛ) = (Σ wτ b̂²ₛ,τ / Σ wτ − b̄ₛ²) / (n_eff − 1), n_eff = (Σ wτ)² / Σ wτ² (before two
-refreshes c = 0, the analytic estimator). c depends on earlier steps' draws only, which
+steps c = 0, the analytic estimator). c depends on earlier steps' draws only, which
 are independent of step t's, so E[cₛ d̄ₛ] = E[cₛ] E[d̄ₛ] = 0 given the past: the estimator is exactly
 unbiased, for any N ≥ 1. Cost: O(S³), nothing per particle.
 """
@@ -95,7 +95,7 @@ def running_coefficients(weight: Array, weight_sq: Array, b: Array, b_sq: Array,
     """Coefficients (S,) from λ-weighted sums over earlier steps (see the module docstring).
 
     ``weight`` = Σ wτ, ``weight_sq`` = Σ wτ², ``b`` and ``b_sq`` (S,) the weighted sums of b̂ and
-    b̂², ``m`` (S × S) that of M̂. Zero before two refreshes. Cost: O(S³).
+    b̂², ``m`` (S × S) that of M̂. Zero before two steps. Cost: O(S³).
     """
     seen = weight > 0
     safe_weight = jnp.where(seen, weight, 1.0)

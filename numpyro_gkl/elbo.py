@@ -25,11 +25,10 @@ coefficients cₛ minimize the summed gradient variance and never depend on the 
 so the estimator stays exactly unbiased and is never much worse than the better of
 ``"analytic"`` (c = 0) and ``"sampled"`` (c = 1). Two ways to fit them
 (``numpyro_gkl.control_variate``): with a guide wrapped by ``with_adaptive_state`` (recommended),
-on running moments of earlier steps, any ``num_particles``: one gradient per step, and on every
-``refresh_every``-th step S more backward passes through the prior and guide terms (not the
-likelihood); without it, per particle on the other particles of the same step (leave one out,
-``num_particles ≥ 3``, N per-particle gradients).
-Its loss value is the analytic estimate's.
+on running moments of earlier steps, any ``num_particles``: per step the analytic estimate's
+gradient and S backward passes through the sites' prior and guide terms (not the likelihood);
+without it, per particle on the other particles of the same step (leave one out,
+``num_particles ≥ 3``, N per-particle gradients). Its loss value is the analytic estimate's.
 """
 
 from __future__ import annotations
@@ -49,14 +48,18 @@ from numpyro.distributions.kl import kl_divergence
 from numpyro.distributions.util import scale_and_mask
 from numpyro.handlers import replay, seed, substitute, trace
 from numpyro.infer import ELBO
-from numpyro.infer.autoguide import AutoContinuous, AutoDiagonalNormal, AutoMultivariateNormal
+from numpyro.infer.autoguide import (
+    AutoContinuous,
+    AutoDiagonalNormal,
+    AutoMultivariateNormal,
+    AutoNormal,
+)
 from numpyro.infer.inspect import get_dependencies
 from numpyro.util import check_model_guide_match
 
 from numpyro_gkl.adaptive_state import (
     STATE_SITE,
     moments,
-    refresh_due,
     state_sites,
     stepped,
     unwrap,
@@ -68,8 +71,8 @@ from numpyro_gkl.control_variate import (
     loo_coefficients,
     running_coefficients,
 )
-from numpyro_gkl.gaussian import Diagonal, as_gaussian, entropy
-from numpyro_gkl.kl import gaussian_kl
+from numpyro_gkl.gaussian import Diagonal, LowRank, as_gaussian, entropy
+from numpyro_gkl.kl import cross_entropy
 from numpyro_gkl.marginals import site_marginal
 
 KLMode = Literal["analytic", "sampled", "adaptive"]
@@ -101,6 +104,43 @@ def _constrain_fn(transforms: dict[str, Any]) -> Callable[[dict], dict]:
     return lambda u: {k: transforms[k](v) for k, v in u.items()}
 
 
+def _movable(transform: Any, value: jax.Array) -> np.ndarray | None:
+    """The coordinates of a constrained param θ = T(u) that its unconstrained u moves: 1 where a
+    row of T's Jacobian is nonzero, 0 elsewhere (the upper triangle of a Cholesky factor);
+    ``None`` if u moves every coordinate.
+
+    Found once per trace from one Jacobian-vector product at a random point (a nonzero row
+    gives 0 there with probability 0), so it costs nothing at run time.
+    """
+    with jax.ensure_compile_time_eval():
+        shape = transform.inverse_shape(jnp.shape(value))
+        u, tangent = random.normal(random.PRNGKey(0), (2, *shape))
+        _, moved = jax.jvp(transform, (u,), (tangent,))
+        mask = np.asarray(moved != 0, dtype=jnp.result_type(value))
+    return None if mask.all() else mask
+
+
+def _difference(
+    name: str, sampled: dict, closed: dict, model_trace: dict, guide_trace: dict, joint: bool
+) -> jax.Array:
+    """Site ``name``'s difference: a zero-mean term whose gradient is that of draw − closed form.
+
+    For a site-wise guide site that draws z = m + Lε from a ``Normal`` or a full-rank
+    ``MultivariateNormal`` (its own, unmasked), log q(z(ε)) = log N(ε; 0, I) − log|L| has
+    exactly the pathwise gradient of −H(q) for every ε, so the difference is taken as
+    log p(z) + H(q) − closed form = log p(z) − E_q[log p(z)]: the same gradient as the draw's
+    log p(z) − log q(z) − closed form, draw by draw, without a pass through log q(z) (for a
+    full-rank q a triangular solve and its derivative). A joint auto guide's site terms are
+    already of that form. Otherwise (a low-rank q, whose K + r noise dimensions break the
+    identity, a masked or non-Gaussian one): draw − closed form.
+    """
+    site = guide_trace[name]
+    q = None if joint or site["is_observed"] else as_gaussian(site["fn"])
+    if q is None or q.mask is not None or isinstance(q, LowRank):
+        return sampled[name] - closed[name]
+    return _log_prob_sum(model_trace[name]) + _scaled_sum(entropy(q), site) - closed[name]
+
+
 def _parents(deps: dict[str, dict[str, Any]], name: str) -> set[str]:
     return set(deps.get(name, {})) - {name}
 
@@ -116,11 +156,8 @@ class TraceAnalytic_ELBO(ELBO):
         ``"adaptive"`` (a control variate between the two; needs ``sum_sites=True``, and
         ``num_particles ≥ 3`` unless the guide is wrapped by ``with_adaptive_state``).
     :param moment_decay: λ of the running moments of ``kl="adaptive"`` with
-        ``with_adaptive_state``: the refresh r − τ weighs λ^τ (an effective window of
-        1/(1 − λ) refreshes).
-    :param refresh_every: with ``with_adaptive_state``, the moments are refreshed (with the
-        draws of the step) on every ``refresh_every``-th step; the other steps cost one
-        gradient of the combined estimate only.
+        ``with_adaptive_state``: step t − τ weighs λ^τ (an effective window of 1/(1 − λ)
+        steps).
     """
 
     def __init__(
@@ -130,7 +167,6 @@ class TraceAnalytic_ELBO(ELBO):
         sum_sites: bool = True,
         kl: KLMode = "analytic",
         moment_decay: float = 0.98,
-        refresh_every: int = 4,
     ) -> None:
         if kl not in ("analytic", "sampled", "adaptive"):
             raise ValueError(f"kl must be 'analytic', 'sampled' or 'adaptive', got {kl!r}")
@@ -140,10 +176,7 @@ class TraceAnalytic_ELBO(ELBO):
             raise ValueError(f"moment_decay must be in [0, 1), got {moment_decay}")
         self.sum_sites = sum_sites
         self.kl = kl
-        if refresh_every < 1:
-            raise ValueError(f"refresh_every must be a positive integer, got {refresh_every}")
         self.moment_decay = moment_decay
-        self.refresh_every = refresh_every
         self._warned: set[str] = set()
         self._dependencies: dict[tuple[int, int], tuple[dict, dict] | None] = {}
         super().__init__(num_particles=num_particles, vectorize_particles=vectorize_particles)
@@ -222,7 +255,7 @@ class TraceAnalytic_ELBO(ELBO):
             if index.shape != shape:
                 continue
             q_i = site_marginal(joint, index, prior)
-            terms[name] = -_scaled_sum(entropy(q_i) + gaussian_kl(q_i, prior), site)
+            terms[name] = -_scaled_sum(cross_entropy(q_i, prior), site)
         return terms
 
     # -- the estimator -----------------------------------------------------------------------
@@ -359,7 +392,7 @@ class TraceAnalytic_ELBO(ELBO):
 
         def step(state: jax.Array, key: jax.Array) -> tuple[jax.Array, None]:
             params = {**param_map, STATE_SITE: state}
-            _, mutable = self._adaptive_loss(key, params, model, guide, args, kwargs, refresh=True)
+            _, mutable = self._adaptive_loss(key, params, model, guide, args, kwargs)
             return mutable[STATE_SITE], None
 
         state, _ = jax.lax.scan(step, mutable[STATE_SITE], keys[1:])
@@ -402,10 +435,11 @@ class TraceAnalytic_ELBO(ELBO):
     ) -> tuple[Callable, list[str]]:
         """``(terms, names)``: ``terms(key, theta) = (analytic, diffs)`` of one particle, with the
         param sites of ``transforms`` set to ``theta`` (constrained values): the analytic ELBO
-        estimate and the S differences (draw − closed form) of the sites ``names`` (filled when
-        ``terms`` is first traced). The entropy term of ``AutoMultivariateNormal`` and
-        ``AutoDiagonalNormal`` is left out: its draw −log q(u), u = m + Lε, has exactly the
-        pathwise gradient of H(q).
+        estimate and the differences of the S sites ``names`` (``_difference``: with the gradient
+        of draw − closed form; filled when ``terms`` is first traced), a dict keyed by site. The
+        entropy term of
+        ``AutoMultivariateNormal`` and ``AutoDiagonalNormal`` is left out: its draw −log q(u),
+        u = m + Lε, has exactly the pathwise gradient of H(q).
         """
         fixed = {k: v for k, v in param_map.items() if k not in transforms}
         names: list[str] = []
@@ -413,14 +447,17 @@ class TraceAnalytic_ELBO(ELBO):
         exact_entropy = isinstance(inner, AutoMultivariateNormal | AutoDiagonalNormal)
         entropy_site = f"_{inner.prefix}_latent" if exact_entropy else None
 
-        def terms(key: jax.Array, theta: dict) -> tuple[jax.Array, jax.Array]:
+        def terms(key: jax.Array, theta: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
             params = {**fixed, **theta}
             model_trace, guide_trace, _ = self._traces(key, params, model, guide, args, kwargs)
             sampled, closed = self._site_terms(model, guide, model_trace, guide_trace, args, kwargs)
             analytic = sum({**sampled, **closed}.values(), start=jnp.array(0.0))
             names[:] = [n for n in closed if n != entropy_site]
-            diffs = [sampled[n] - closed[n] for n in names]
-            return analytic, jnp.stack(diffs) if diffs else jnp.zeros((0,))
+            joint = isinstance(inner, AutoContinuous)
+            diffs = {
+                n: _difference(n, sampled, closed, model_trace, guide_trace, joint) for n in names
+            }
+            return analytic, diffs
 
         return terms, names
 
@@ -440,7 +477,12 @@ class TraceAnalytic_ELBO(ELBO):
 
         def one(key: jax.Array):
             constrain = _constrain_fn(transforms)
-            (value, diffs), pullback = jax.vjp(lambda u: terms(key, constrain(u)), free)
+
+            def stacked(u: dict) -> tuple[jax.Array, jax.Array]:
+                analytic, diffs = terms(key, constrain(u))
+                return analytic, jnp.stack([diffs[n] for n in names]) if names else jnp.zeros(0)
+
+            (value, diffs), pullback = jax.vjp(stacked, free)
             (g,) = pullback((jnp.ones_like(value), jnp.zeros_like(diffs)))
             eye = jnp.eye(diffs.shape[0], dtype=diffs.dtype)
             (d,) = jax.vmap(lambda ct: pullback((jnp.zeros_like(value), ct)))(eye)
@@ -461,65 +503,128 @@ class TraceAnalytic_ELBO(ELBO):
         kwargs: dict,
         state: jax.Array,
         order: list[str],
-        refresh: bool | None = None,
     ) -> tuple[jax.Array, dict, jax.Array]:
         """Analytic ELBO estimate, the adaptive gradient ĝ = ḡ + Σₛ cₛ d̄ₛ, and the next state.
 
-        c comes from the incoming state (earlier steps only), so ĝ is the gradient of one
-        function, the particle-averaged analytic estimate plus Σₛ cₛ (draw − closed form)ₛ: one
-        batched value-and-grad, as ``Trace_ELBO``'s. Gradients are with respect to the
-        constrained values θ of the param sites; SVI maps ĝ to its unconstrained parameters u
-        itself, as it does ``Trace_ELBO``'s. On a refresh step (every ``refresh_every``-th, or
-        as ``refresh`` says) the moments are updated with this step's draws: d̄ₛ from a second
-        function that holds only the prior and guide terms (under ``jit`` the likelihood drops
-        out of it), pulled back once per site; ĝ and the d̄ₛ pulled back through θ = T(u)
-        (the optimizer's space); ḡ = ĝ − Σₛ cₛ d̄ₛ; b̂ = d̄ ḡ and M̂ = d̄ d̄ᵀ. Cost: one gradient
-        of the combined estimate per step; per refresh, a forward pass and S backward passes of
-        the prior and guide terms, S + 1 of the transforms, and O(S P + S³).
+        ḡ is the gradient of the particle-averaged analytic estimate, d̄ₛ that of site s's
+        particle-averaged difference (draw − closed form) alone, whose backward pass runs
+        through that site's prior and guide terms only (its forward pass is the same
+        computation as the analytic one's, which XLA shares). c comes from the incoming state
+        (earlier steps only); the state is then updated with this step's b̂ = d̄ ḡ and
+        M̂ = d̄ d̄ᵀ, on every step. Gradients are with respect to the constrained values θ of the
+        param sites; SVI maps ĝ to its unconstrained parameters u itself, as it does
+        ``Trace_ELBO``'s. The moments sum over the coordinates of θ that u moves (``_movable``):
+        no transform is applied or inverted, which on CPU can cost more than the rest of a
+        small model's step. Where the d̄ₛ have disjoint supports (``_site_blocks``) they come
+        from one backward pass (``_block_moments``). Cost: the analytic estimate's gradient,
+        S backward passes (or one) of the sites' prior and guide terms, and O(S P + S³) for P
+        parameters.
         """
         terms, names = self._terms_fn(param_map, transforms, model, guide, args, kwargs)
         theta = {k: param_map[k] for k in transforms}
         keys = random.split(rng_key, self.num_particles)
-        jax.eval_shape(terms, keys[0], theta)  # finds the sites ``names``
+        analytic = self._particle_mean(lambda key, th: terms(key, th)[0], keys)
+        value, g = jax.value_and_grad(analytic)(theta)  # also finds the sites ``names``
         if not names:
-            value, grad = jax.value_and_grad(self._particle_mean(terms, keys, 0))(theta)
-            return value, grad, stepped(state)
-        c = running_coefficients(*moments(state, order, names))
+            return value, g, stepped(state)
+        sites = list(names)
+        c = running_coefficients(*moments(state, order, sites))
+        structure = self._structure(model, guide, args, kwargs)
+        blocks = None if structure is None else self._site_blocks(guide, theta, sites, structure[0])
+        if blocks is not None:
+            grad, b_hat, m_hat = self._block_moments(terms, keys, theta, transforms, g, c, blocks)
+            return value, grad, updated(state, order, sites, b_hat, m_hat, self.moment_decay)
+        d = [
+            jax.grad(self._particle_mean(lambda key, th, n=n: terms(key, th)[1][n], keys))(theta)
+            for n in sites
+        ]
+        grad = {k: g[k] + sum(c[i] * d[i][k] for i in range(len(sites))) for k in g}
+        gram = 0.0  # of (d̄₁, …, d̄_S, ḡ) on the coordinates u moves: one product per param
+        for k, t in transforms.items():
+            rows = jnp.stack([v[k].ravel() for v in (*d, g)])
+            mask = _movable(t, theta[k])
+            rows = rows if mask is None else rows * mask.ravel()
+            gram = gram + rows @ rows.T
+        b_hat, m_hat = gram[:-1, -1], gram[:-1, :-1]
+        return value, grad, updated(state, order, sites, b_hat, m_hat, self.moment_decay)
 
-        def combined(theta: dict) -> tuple[jax.Array, jax.Array]:
-            analytic, diffs = self.vectorize_particles_fn(lambda key: terms(key, theta), keys)
-            value = jnp.mean(analytic)
-            return value + jnp.mean(diffs, 0) @ c, value
+    def _site_blocks(
+        self, guide: Callable, theta: dict, sites: list[str], model_deps: dict
+    ) -> dict[str, np.ndarray] | None:
+        """Where the site gradients d̄ₛ have disjoint supports: for each param, the position in
+        ``sites`` of the site that owns each of its leading rows (shape (n,), n = 1 for a whole
+        param; −1: no site). ``None`` where that is not known, and each site needs its own
+        backward pass.
 
-        (_, value), grad = jax.value_and_grad(combined, has_aux=True)(theta)
+        - ``AutoMultivariateNormal`` and ``AutoDiagonalNormal`` draw uᵢ = mᵢ + Lᵢε (Lᵢ the i-th
+          row of the factor, or the i-th scale), and site s's difference
+          log p(u[idxₛ]) − E_q[log p] reads only the rows idxₛ of every guide param.
+        - ``AutoNormal`` draws each site from its own ``{site}_{prefix}_loc`` and ``_scale``;
+          where no site in ``sites`` has a latent parent in the model, site s's difference reads
+          only those two.
 
-        def refreshed(state: jax.Array) -> jax.Array:
-            diffs, pullback = jax.vjp(self._particle_mean(terms, keys, 1), theta)
-            # one pullback per site: on CPU, vmapping the pullback over the S cotangents was
-            # slower in development measurements (eight schools, AutoMultivariateNormal)
-            d = [pullback(e)[0] for e in jnp.eye(len(names), dtype=diffs.dtype)]
-            free = {k: t.inv(theta[k]) for k, t in transforms.items()}
-            _, to_free = jax.vjp(_constrain_fn(transforms), free)
-            flat = jnp.stack([ravel_pytree(to_free(v)[0])[0] for v in (grad, *d)])
-            d_free = flat[1:]
-            g_free = flat[0] - c @ d_free
-            b_hat, m_hat = d_free @ g_free, d_free @ d_free.T
-            return updated(state, order, names, b_hat, m_hat, self.moment_decay)
+        Either way every param with a gradient must be the guide's (a param of the model, e.g. a
+        prior's scale, can be read by several sites).
+        """
+        inner = unwrap(guide)
+        if isinstance(inner, AutoMultivariateNormal | AutoDiagonalNormal):
+            loc = theta.get(f"{inner.prefix}_loc")
+            ours = {f"{inner.prefix}_{name}" for name in ("loc", "scale_tril", "scale")}
+            if loc is None or set(theta) - ours:
+                return None
+            k = loc.shape[0]
+            if any(jnp.shape(v)[:1] != (k,) for v in theta.values()):
+                return None
+            with jax.ensure_compile_time_eval():
+                flat = inner._unpack_latent(jnp.arange(k, dtype=jnp.float32))
+            rows = np.full(k, -1)
+            for i, name in enumerate(sites):
+                rows[np.asarray(flat[name], dtype=np.int64).ravel()] = i
+            return dict.fromkeys(theta, rows)
+        if isinstance(inner, AutoNormal) and not any(_parents(model_deps, n) for n in sites):
+            suffixes = (f"_{inner.prefix}_loc", f"_{inner.prefix}_scale")
+            if not all(name.endswith(suffixes) for name in theta):
+                return None
+            owner = {f"{n}{suffix}": i for i, n in enumerate(sites) for suffix in suffixes}
+            return {name: np.array([owner.get(name, -1)]) for name in theta}
+        return None
 
-        if refresh is None and self.refresh_every > 1:
-            state = jax.lax.cond(refresh_due(state, self.refresh_every), refreshed, stepped, state)
-        elif refresh is False:
-            state = stepped(state)
-        else:
-            state = refreshed(state)
-        return value, grad, state
+    def _block_moments(
+        self,
+        terms: Callable,
+        keys: jax.Array,
+        theta: dict,
+        transforms: dict[str, Any],
+        g: dict,
+        c: jax.Array,
+        blocks: dict[str, np.ndarray],
+    ) -> tuple[dict, jax.Array, jax.Array]:
+        """ĝ, b̂ and M̂ from one backward pass where the site gradients have disjoint supports
+        (``_site_blocks``): d̄ = ∇ Σₛ differences and d̄ₛ its part owned by site s, so
+        ĝ = ḡ + c_owner ⊙ d̄, b̂ₛ = Σ over site s's part of d̄ ⊙ ḡ and M̂ = diag(Σ d̄²)
+        (M̂ₛₜ = 0 for s ≠ t), on the coordinates u moves. Cost: one backward pass of the sites'
+        prior and guide terms and O(P) elementwise."""
+        total = jax.grad(self._particle_mean(lambda key, th: sum(terms(key, th)[1].values()), keys))
+        d = total(theta)
+        grad, b_hat, m_diag = {}, 0.0, 0.0
+        for k, t in transforms.items():
+            owner = blocks[k]
+            onehot = np.asarray(owner[:, None] == np.arange(c.shape[0]), dtype=c.dtype)  # n × S
+            scale = onehot @ c
+            shape = (owner.size,) + (1,) * (jnp.ndim(g[k]) - 1) if owner.size > 1 else ()
+            grad[k] = g[k] + scale.reshape(shape) * d[k]
+            mask = _movable(t, theta[k])
+            dk = d[k] if mask is None else d[k] * mask
+            b_hat = b_hat + jnp.sum((dk * g[k]).reshape(owner.size, -1), 1) @ onehot
+            m_diag = m_diag + jnp.sum((dk * d[k]).reshape(owner.size, -1), 1) @ onehot
+        return grad, b_hat, jnp.diag(m_diag)
 
-    def _particle_mean(self, terms: Callable, keys: jax.Array, index: int) -> Callable:
-        """θ ↦ the particle average of output ``index`` of ``terms`` (0: analytic, 1: diffs)."""
+    def _particle_mean(self, f: Callable, keys: jax.Array) -> Callable:
+        """θ ↦ the average over the particles ``keys`` of ``f(key, θ)`` (a pytree of arrays)."""
 
-        def mean(theta: dict) -> jax.Array:
-            out = self.vectorize_particles_fn(lambda key: terms(key, theta)[index], keys)
-            return jnp.mean(out, 0)
+        def mean(theta: dict) -> Any:
+            out = self.vectorize_particles_fn(lambda key: f(key, theta), keys)
+            return jax.tree.map(lambda x: jnp.mean(x, 0), out)
 
         return mean
 
@@ -554,7 +659,6 @@ class TraceAnalytic_ELBO(ELBO):
         guide: Callable,
         args: tuple,
         kwargs: dict,
-        refresh: bool | None = None,
     ) -> tuple[jax.Array, dict | None]:
         """−ELBO whose value is the analytic estimate and whose gradient is the adaptive one.
 
@@ -579,7 +683,6 @@ class TraceAnalytic_ELBO(ELBO):
                 kwargs,
                 carried[STATE_SITE],
                 order,
-                refresh,
             )
         elif self.num_particles >= MIN_PARTICLES:
             value, grad = self._loo_gradient(

@@ -10,8 +10,20 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 import numpy as np
+from jax import Array
 
 from numpyro_gkl.gaussian import Diagonal, Gaussian, LowRank, Tril
+
+
+def _select(x: Array, index: np.ndarray) -> Array:
+    """``x[index]`` along the first axis, as a slice where ``index`` is a contiguous range (as an
+    auto guide's sites are): XLA fuses a slice and its derivative (a pad) into their neighbours,
+    where a gather's derivative is a scatter, a kernel of its own."""
+    flat = index.ravel()
+    start = int(flat[0]) if flat.size else 0
+    if np.array_equal(flat, np.arange(start, start + flat.size)):
+        return x[start : start + flat.size].reshape(index.shape + x.shape[1:])
+    return x[index]
 
 
 def site_marginal(joint: Gaussian, index: np.ndarray, prior: Gaussian) -> Gaussian:
@@ -24,17 +36,24 @@ def site_marginal(joint: Gaussian, index: np.ndarray, prior: Gaussian) -> Gaussi
     gets its k × k block: ``LowRank`` rows of a low-rank joint (O(n r)), or the Cholesky factor of
     the selected rows of a full joint's factor, chol(L[idx] L[idx]ᵀ) (O(n k D + n k²)).
     """
-    loc = joint.loc[index]
+    loc = _select(joint.loc, index)
     batch_shape, event_shape = prior.batch_shape, prior.event_shape
     if isinstance(joint, Diagonal):
-        return Diagonal(loc, batch_shape, event_shape, None, joint.scale[index])
+        return Diagonal(loc, batch_shape, event_shape, None, _select(joint.scale, index))
     if isinstance(prior, Diagonal):
-        return Diagonal(loc, batch_shape, event_shape, None, jnp.sqrt(joint.marginal_var()[index]))
+        return Diagonal(
+            loc, batch_shape, event_shape, None, jnp.sqrt(_select(joint.marginal_var(), index))
+        )
     if isinstance(joint, LowRank):
         return LowRank(
-            loc, batch_shape, event_shape, None, joint.cov_factor[index], joint.cov_diag[index]
+            loc,
+            batch_shape,
+            event_shape,
+            None,
+            _select(joint.cov_factor, index),
+            _select(joint.cov_diag, index),
         )
     assert isinstance(joint, Tril)
-    rows = joint.scale_tril[index]  # (…, k, D)
+    rows = _select(joint.scale_tril, index)  # (…, k, D)
     cov = rows @ jnp.swapaxes(rows, -1, -2)
     return Tril(loc, batch_shape, event_shape, None, jnp.linalg.cholesky(cov))
