@@ -141,6 +141,14 @@ def _difference(
     return _log_prob_sum(model_trace[name]) + _scaled_sum(entropy(q), site) - closed[name]
 
 
+def _latent_index(guide: AutoContinuous, dim: int) -> dict[str, np.ndarray]:
+    """Per site of a joint auto guide, the indices into its latent u (dimension ``dim``) that the
+    site's value is cut from, shaped like the site's unconstrained value. At trace time."""
+    with jax.ensure_compile_time_eval():
+        flat = guide._unpack_latent(jnp.arange(dim, dtype=jnp.float32))
+    return {name: np.asarray(idx, dtype=np.int64) for name, idx in flat.items()}
+
+
 def _parents(deps: dict[str, dict[str, Any]], name: str) -> set[str]:
     return set(deps.get(name, {})) - {name}
 
@@ -241,9 +249,7 @@ class TraceAnalytic_ELBO(ELBO):
         if joint is None or len(joint.event_shape) != 1 or joint.batch_shape:
             return {}
         terms = {latent_name: _scaled_sum(entropy(joint), latent_site)}
-        with jax.ensure_compile_time_eval():
-            flat = guide._unpack_latent(jnp.arange(joint.dim, dtype=jnp.float32))
-        for name, idx in flat.items():
+        for name, index in _latent_index(guide, joint.dim).items():
             site = model_trace.get(name)
             if site is None or site["is_observed"] or _parents(model_deps, name):
                 continue
@@ -251,7 +257,6 @@ class TraceAnalytic_ELBO(ELBO):
             if prior is None or not _is_real(site["fn"].support):
                 continue
             shape = tuple(prior.batch_shape) + tuple(prior.event_shape)
-            index = np.asarray(idx, dtype=np.int64)
             if index.shape != shape:
                 continue
             q_i = site_marginal(joint, index, prior)
@@ -437,15 +442,15 @@ class TraceAnalytic_ELBO(ELBO):
         param sites of ``transforms`` set to ``theta`` (constrained values): the analytic ELBO
         estimate and the differences of the S sites ``names`` (``_difference``: with the gradient
         of draw − closed form; filled when ``terms`` is first traced), a dict keyed by site. The
-        entropy term of
-        ``AutoMultivariateNormal`` and ``AutoDiagonalNormal`` is left out: its draw −log q(u),
-        u = m + Lε, has exactly the pathwise gradient of H(q).
+        entropy term of ``AutoMultivariateNormal`` and ``AutoDiagonalNormal`` is left out: its
+        draw −log q(u), u = m + Lε, has exactly the pathwise gradient of H(q).
         """
         fixed = {k: v for k, v in param_map.items() if k not in transforms}
         names: list[str] = []
         inner = unwrap(guide)
         exact_entropy = isinstance(inner, AutoMultivariateNormal | AutoDiagonalNormal)
         entropy_site = f"_{inner.prefix}_latent" if exact_entropy else None
+        joint = isinstance(inner, AutoContinuous)
 
         def terms(key: jax.Array, theta: dict) -> tuple[jax.Array, dict[str, jax.Array]]:
             params = {**fixed, **theta}
@@ -453,7 +458,6 @@ class TraceAnalytic_ELBO(ELBO):
             sampled, closed = self._site_terms(model, guide, model_trace, guide_trace, args, kwargs)
             analytic = sum({**sampled, **closed}.values(), start=jnp.array(0.0))
             names[:] = [n for n in closed if n != entropy_site]
-            joint = isinstance(inner, AutoContinuous)
             diffs = {
                 n: _difference(n, sampled, closed, model_trace, guide_trace, joint) for n in names
             }
@@ -575,11 +579,10 @@ class TraceAnalytic_ELBO(ELBO):
             k = loc.shape[0]
             if any(jnp.shape(v)[:1] != (k,) for v in theta.values()):
                 return None
-            with jax.ensure_compile_time_eval():
-                flat = inner._unpack_latent(jnp.arange(k, dtype=jnp.float32))
+            index = _latent_index(inner, k)
             rows = np.full(k, -1)
             for i, name in enumerate(sites):
-                rows[np.asarray(flat[name], dtype=np.int64).ravel()] = i
+                rows[index[name].ravel()] = i
             return dict.fromkeys(theta, rows)
         if isinstance(inner, AutoNormal) and not any(_parents(model_deps, n) for n in sites):
             suffixes = (f"_{inner.prefix}_loc", f"_{inner.prefix}_scale")

@@ -314,6 +314,17 @@ def _diag_masked_kl(p: Diagonal, q: Diagonal) -> Array:
     return _sum_event(out, p)
 
 
+def _diag_cross_entropy(p: Gaussian, q: Diagonal) -> Array:
+    """E_p[−log q] per coordinate of a diagonal q, ½ log 2π + log σq + ((μp − μq)² + Σp,ᵢᵢ)/(2σq²),
+    shaped like the locations. O(K) for a diagonal p (O(K²) full, O(K r) low rank: the
+    marginal variances)."""
+    return (
+        0.5 * _LOG_2PI
+        + jnp.log(q.scale)
+        + 0.5 * (jnp.square(p.loc - q.loc) + p.marginal_var()) / jnp.square(q.scale)
+    )
+
+
 def _masked_correction(p: Gaussian, q: Gaussian, kl: Array) -> Array:
     """E_p[m_p log p − m_q log q] − KL(p‖q): the terms a mask removes from the sampled estimator.
 
@@ -330,12 +341,7 @@ def _masked_correction(p: Gaussian, q: Gaussian, kl: Array) -> Array:
             out = out + jnp.where(p.mask, 0.0, entropy(p))
     if q.mask is not None:
         if isinstance(q, Diagonal):
-            ce = (
-                0.5 * _LOG_2PI
-                + jnp.log(q.scale)
-                + 0.5 * (jnp.square(p.loc - q.loc) + p.marginal_var()) / jnp.square(q.scale)
-            )
-            out = out - _sum_event(jnp.where(q.mask, 0.0, ce), q)
+            out = out - _sum_event(jnp.where(q.mask, 0.0, _diag_cross_entropy(p, q)), q)
         else:
             ce = entropy(p) + kl
             out = out - jnp.where(q.mask, 0.0, ce)
@@ -365,6 +371,19 @@ def check_pair(p: Gaussian, q: Gaussian, names: tuple[str, str]) -> None:
         ) from err
 
 
+def _checked_pair(p: Gaussian, q: Gaussian) -> tuple[Gaussian, Gaussian]:
+    """``check_pair``, then both forms in one dtype, the promotion of all their parameters."""
+    check_pair(p, q, (describe(p), describe(q)))
+    dtype = jnp.result_type(p.dtype, q.dtype)
+    return p.astype(dtype), q.astype(dtype)
+
+
+def _nan_where_invalid(x: Array, p: Gaussian, q: Gaussian) -> Array:
+    """``x`` with NaN where either form is not ``valid()``, broadcast to the pair's batch shape."""
+    x = jnp.where(p.valid() & q.valid(), x, jnp.nan)
+    return jnp.broadcast_to(x, jnp.broadcast_shapes(p.batch_shape, q.batch_shape))
+
+
 def gaussian_kl(p: Gaussian, q: Gaussian) -> Array:
     """KL(p‖q) with shape ``broadcast(p.batch_shape, q.batch_shape)``.
 
@@ -379,10 +398,7 @@ def gaussian_kl(p: Gaussian, q: Gaussian) -> Array:
     (0, ∞)) is NaN, masked or not; a NaN elsewhere (off-diagonal, ``cov_factor``) reaches the
     result through the arithmetic. Cost of the checks: O(K) per batch element.
     """
-    check_pair(p, q, (describe(p), describe(q)))
-    dtype = jnp.result_type(p.dtype, q.dtype)
-    p, q = p.astype(dtype), q.astype(dtype)
-    batch_shape = jnp.broadcast_shapes(p.batch_shape, q.batch_shape)
+    p, q = _checked_pair(p, q)
     masked = p.mask is not None or q.mask is not None
     if masked and isinstance(p, Diagonal) and isinstance(q, Diagonal):
         kl = _diag_masked_kl(p, q)
@@ -390,8 +406,7 @@ def gaussian_kl(p: Gaussian, q: Gaussian) -> Array:
         kl = _unmasked_kl(p, q)
         if masked:
             kl = kl + _masked_correction(p, q, kl)
-    kl = jnp.where(p.valid() & q.valid(), kl, jnp.nan)
-    return jnp.broadcast_to(kl, batch_shape)
+    return _nan_where_invalid(kl, p, q)
 
 
 def cross_entropy(p: Gaussian, q: Gaussian) -> Array:
@@ -405,10 +420,5 @@ def cross_entropy(p: Gaussian, q: Gaussian) -> Array:
     diagonal_pair = isinstance(p, Diagonal) and isinstance(q, Diagonal)
     if not diagonal_pair or p.mask is not None or q.mask is not None:
         return entropy(p) + gaussian_kl(p, q)
-    check_pair(p, q, (describe(p), describe(q)))
-    dtype = jnp.result_type(p.dtype, q.dtype)
-    p, q = p.astype(dtype), q.astype(dtype)
-    z = (jnp.square(p.loc - q.loc) + jnp.square(p.scale)) / jnp.square(q.scale)
-    ce = _sum_event(0.5 * _LOG_2PI + jnp.log(q.scale) + 0.5 * z, p)
-    ce = jnp.where(p.valid() & q.valid(), ce, jnp.nan)
-    return jnp.broadcast_to(ce, jnp.broadcast_shapes(p.batch_shape, q.batch_shape))
+    p, q = _checked_pair(p, q)
+    return _nan_where_invalid(_sum_event(_diag_cross_entropy(p, q), p), p, q)
