@@ -10,13 +10,16 @@ float32, K = 8 and 32 with a shared q, K = 32 and 128 with one q per guide; ``fw
 
 - ``upstream``: NumPyro's MVN–MVN rule, captured before registration;
 - ``shipped``: ``kl_divergence`` with numpyro-gkl registered (with a shared q up to K = 64 the
-  product of Lq⁻¹ and D by blocks, differentiated through the dense product);
+  product of Lq⁻¹ and D by blocks, differentiated through the dense product; with a q per
+  guide Lq⁻¹[D | δ] by halves, ``linalg.solve_sq_sums``);
+- ``inverse``: Lq⁻¹ by blocks and one product per guide (dense up to K = 128 per guide, blocked
+  above; the shipped form with a shared q, and the previous form with a q per guide);
 - ``solve``: Lq⁻¹[D | δ] by XLA's batched triangular solve (LAPACK per matrix), D = tril(Lp − Lq);
-- ``masked``: Lq⁻¹ by blocks, but the strict lower triangle of Lq⁻¹D masked and summed apart from
-  the diagonal term (the previous form);
-- ``scatter``: the shipped form with ``jnp.diagonal``, whose derivative is a scatter;
-- ``other product``: the shipped form with the other product of Lq⁻¹ and D where the shipped form
-  uses one product both ways (blocked, ``linalg.sq_sum_of_product``, a third of the flops, where
+- ``masked``: ``inverse``, but the strict lower triangle of Lq⁻¹D masked and summed apart from
+  the diagonal term (an earlier form);
+- ``scatter``: ``inverse`` with ``jnp.diagonal``, whose derivative is a scatter;
+- ``other product``: ``inverse`` with the other product of Lq⁻¹ and D where it uses one product
+  both ways (blocked, ``linalg.sq_sum_of_product``, a third of the flops, where
   it is dense; dense where it is blocked), and the blocked one both ways where it mixes them
   (a shared q up to K = 64; ``scatter`` is dense both ways there).
 
@@ -42,7 +45,10 @@ CELLS = (
     (128, 100, False),
     (2048, 1, False),
 )
-FORMS = ("upstream", "shipped", "solve", "masked", "scatter", "other product")
+FORMS = ("upstream", "shipped", "inverse", "solve", "masked", "scatter", "other product")
+# The largest K at which ``inverse`` forms Lq⁻¹D densely with a q per guide (the shipped rule's
+# threshold before ``solve_sq_sums``).
+_DENSE_MAX_K_PER_GUIDE = 128
 
 
 def _forms() -> dict[str, Callable]:
@@ -53,7 +59,7 @@ def _forms() -> dict[str, Callable]:
     from numpyro.distributions.kl import kl_divergence
 
     import numpyro_gkl
-    from numpyro_gkl.full_pair import _DENSE_MAX_K_PER_ELEMENT, _DENSE_MAX_K_SHARED
+    from numpyro_gkl.full_pair import _DENSE_MAX_K_SHARED
     from numpyro_gkl.linalg import (
         diagonal,
         product_transposed,
@@ -74,7 +80,7 @@ def _forms() -> dict[str, Callable]:
     def by_inverse(diag_of, masked=False, other_product=False):
         def kl(mp, lp, mq, lq):
             k, shared = lq.shape[-1], lq.ndim == 2
-            dense = k <= (_DENSE_MAX_K_SHARED if shared else _DENSE_MAX_K_PER_ELEMENT)
+            dense = k <= (_DENSE_MAX_K_SHARED if shared else _DENSE_MAX_K_PER_GUIDE)
             a, b = diag_of(lp), diag_of(lq)
             inv = tril_inverse(lq)
             d = jnp.tril(lp - lq)
@@ -107,6 +113,7 @@ def _forms() -> dict[str, Callable]:
     return {
         "upstream": lambda mp, lp, mq, lq: upstream_rule(mvn(mp, lp), mvn(mq, lq)),
         "shipped": lambda mp, lp, mq, lq: kl_divergence(mvn(mp, lp), mvn(mq, lq)),
+        "inverse": by_inverse(diagonal),
         "solve": solve,
         "masked": by_inverse(diagonal, masked=True),
         "scatter": by_inverse(lambda m: jnp.diagonal(m, axis1=-2, axis2=-1)),

@@ -13,11 +13,13 @@ Paths, chosen from static shapes (jit-friendly):
 - K ≤ 4, or K ≤ 8 with a factor per element: the substitution Lq⁻¹[D | δ] unrolled over the
   triangles' entries, elementwise over the batch (``linalg.solve_sq_sums_unrolled``); for
   4 < K ≤ 8 with a hand-written derivative (below), autodiff otherwise;
-- otherwise Lq⁻¹ by blocks (``linalg.tril_inverse``, matmuls only; once when Lq is shared by the
-  batch), then Y by matmul: a dense product up to K = 128 per element, a blocked triangular
-  product of a third of the flops above (``linalg.sq_sum_of_product``); with a shared Lq⁻¹ the
-  blocked product, differentiated through the dense one up to K = 64. Autodiff, with the
-  diagonal's derivative as a mask (``linalg.diagonal``).
+- otherwise, with a factor per element, Lq⁻¹[D | δ] by halves (``linalg.solve_sq_sums``: the
+  triangle's off-diagonal block from a dense solve, the diagonal blocks recursively, leaves of
+  64 by ``tril_inverse`` and a product; 4K³/7 flops, all in matmuls, Y never assembled);
+- with a factor shared by the batch, Lq⁻¹ once by blocks (``linalg.tril_inverse``), then a
+  blocked triangular product per element (``linalg.sq_sum_of_product``, a third of the dense
+  flops), differentiated through the dense one up to K = 64.
+  Both by autodiff, with the diagonal's derivative as a mask (``linalg.diagonal``).
 
 The hand-written derivative, from dY = Lq⁻¹(dD − tril(dLq) Y) and dz = Lq⁻¹(dδ − tril(dLq) z),
 with S = tril(Y, −1), G = 2 Lq⁻ᵀS and w = 2 Lq⁻ᵀz,
@@ -29,8 +31,9 @@ is a ``custom_jvp`` whose tangent is linear in (dLp, dLq, dδ) through elementwi
 one unrolled backward substitution, so reverse mode costs one more pass; zero tangents (a prior
 with fixed parameters) are skipped, and derivatives of every order work.
 
-Cost per pair: O(K³/3) forward (K³/3 more for Lq⁻¹ per distinct Lq, plus K³ per pair for the
-dense product up to the sizes above); a derivative about as much again.
+Cost per pair: K³/6 multiply-adds unrolled, 4K³/7 flops by halves, or K³/3 once for a shared
+Lq⁻¹ and 2K³/3 per pair (2K³ for the dense product up to K = 64); a derivative about as much
+again.
 """
 
 from __future__ import annotations
@@ -44,9 +47,11 @@ from numpyro_gkl.linalg import (
     SHARED_SOLVE_MIN_K,
     UNROLL_MAX_K,
     diagonal,
+    event_sum,
     is_shared,
     product_transposed,
     scale_ratio_term,
+    solve_sq_sums,
     solve_sq_sums_unrolled,
     solve_unrolled,
     sq_sum_of_product,
@@ -54,13 +59,12 @@ from numpyro_gkl.linalg import (
     x_minus_log1p,
 )
 
-# Up to these K the derivative (shared) or the whole product Lq⁻¹D (per element) is formed densely
-# (K³ flops), above them by blocks (K³/3 flops in more, smaller matmuls). benchmarks/
-# full_pair_forms.py, upstream/ours fwd / fwd+grad, blocked against dense: shared K = 32
-# 1.34 / 0.83× against 1.21 / 0.95×, K = 128 1.83 / 1.17× against 1.19 / 1.03×; per element
-# K = 128 0.88 / 0.98× against 1.35 / 1.25×, K = 2048 2.93 / 2.16× against 1.77 / 1.51×.
+# Up to this K the derivative of ‖Lq⁻¹D‖²_F with a shared Lq⁻¹ is taken through the dense
+# product (K³ flops, two GEMMs over the batch), above it through the blocked one (K³/3 flops in
+# more, smaller matmuls); benchmarks/full_pair_forms.py, upstream/ours fwd / fwd+grad, blocked
+# against dense: K = 32 1.34 / 0.83× against 1.21 / 0.95×, K = 128 1.83 / 1.17× against
+# 1.19 / 1.03×.
 _DENSE_MAX_K_SHARED = 64
-_DENSE_MAX_K_PER_ELEMENT = 128
 
 
 def _batch(lp: Array, lq: Array, delta: Array) -> tuple[int, ...]:
@@ -79,29 +83,44 @@ def twice_kl(lp: Array, lq: Array, delta: Array) -> Array:
         return _twice_kl_unrolled(lp, lq, delta)
     if k <= UNROLL_MAX_K and not shared:
         return _twice_kl_with_rule(lp, lq, delta)
-    return _twice_kl_by_inverse(lp, lq, delta, shared)
+    return _twice_kl_by_blocks(lp, lq, delta, shared)
 
 
 def _twice_kl_unrolled(lp: Array, lq: Array, delta: Array) -> Array:
     """``twice_kl`` by the unrolled substitution (small K only: the program grows as K³)."""
     strict, maha = solve_sq_sums_unrolled(lq, lp, lq, delta)
-    return jnp.sum(scale_ratio_term(diagonal(lp), diagonal(lq)), -1) + strict + maha
+    if is_shared(lq, _batch(lp, lq, delta)):
+        diag = event_sum(scale_ratio_term(diagonal(lp), diagonal(lq)))
+    else:  # entry by entry, contiguous batch-shaped arrays as in the substitution: K = 2,
+        # fwd 1.2 → 0.85 ms, fwd+grad 1.8 → 1.3 ms; with a shared Lq this form's gradient is slower
+        lp_e, lq_e = (jnp.moveaxis(x, (-2, -1), (0, 1)) for x in (lp, lq))
+        diag = sum(scale_ratio_term(lp_e[i, i], lq_e[i, i]) for i in range(lq.shape[-1]))
+    return diag + strict + maha
 
 
-def _twice_kl_by_inverse(lp: Array, lq: Array, delta: Array, shared: bool) -> Array:
-    """``twice_kl`` from Lq⁻¹ (``tril_inverse``) and a dense or blocked product."""
+def _twice_kl_by_blocks(lp: Array, lq: Array, delta: Array, shared: bool) -> Array:
+    """``twice_kl`` by matmuls: with a factor per element Lq⁻¹[D | δ] by halves
+    (``solve_sq_sums``, 4K³/7 flops); with a shared factor Lq⁻¹ once (``tril_inverse``) and a
+    dense or blocked product per element."""
     k = lq.shape[-1]
     a, b = diagonal(lp), diagonal(lq)
-    lq_inv = tril_inverse(lq)
+    diag = 2.0 * event_sum(x_minus_log1p((a - b) / b))
     diff = jnp.tril(lp - lq)
-    if k > (_DENSE_MAX_K_SHARED if shared else _DENSE_MAX_K_PER_ELEMENT):
+    if not shared:
+        batch = _batch(lp, lq, delta)
+        y_sq, z_sq = solve_sq_sums(
+            jnp.broadcast_to(lq, (*batch, k, k)),
+            jnp.broadcast_to(diff, (*batch, k, k)),
+            jnp.broadcast_to(delta, (*batch, k)),
+        )
+        return y_sq + diag + z_sq
+    lq_inv = tril_inverse(lq)
+    if k > _DENSE_MAX_K_SHARED:
         y_sq = sq_sum_of_product(lq_inv, diff)
-    elif shared:
-        y_sq = _sq_sum_blocked_dense_derivative(lq_inv, diff)
     else:
-        y_sq = jnp.sum(jnp.square(lq_inv @ diff), (-2, -1))
+        y_sq = _sq_sum_blocked_dense_derivative(lq_inv, diff)
     z = (lq_inv @ delta[..., None])[..., 0]
-    return y_sq + 2.0 * jnp.sum(x_minus_log1p((a - b) / b), -1) + jnp.sum(jnp.square(z), -1)
+    return y_sq + diag + event_sum(jnp.square(z))
 
 
 def _sq_sum_dense(lq_inv: Array, diff: Array) -> Array:
@@ -150,9 +169,9 @@ def _twice_kl_jvp(primals: tuple[Array, Array, Array], tangents: tuple) -> tuple
     gw = solve_unrolled(lq, jnp.concatenate([2.0 * s, 2.0 * z[..., None]], -1), True)
     g, w = gw[..., :k], gw[..., k]
     value = (
-        jnp.sum(scale_ratio_term(a, b), -1)
+        event_sum(scale_ratio_term(a, b))
         + jnp.sum(jnp.square(s), (-2, -1))
-        + jnp.sum(jnp.square(z), -1)
+        + event_sum(jnp.square(z))
     )
     r2m1 = (a - b) * (a + b) / jnp.square(b)  # r² − 1, exact to a few roundings when a ≈ b
     g_low = jnp.tril(g)  # D and dD are lower triangular

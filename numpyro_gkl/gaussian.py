@@ -37,6 +37,8 @@ from numpyro.distributions import (
     Normal,
 )
 
+from numpyro_gkl.linalg import event_sum
+
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -174,8 +176,9 @@ class LowRank(Gaussian):
 
 
 def _sum_event(x: Array, g: Gaussian) -> Array:
-    """Sums the event axes of an elementwise quantity (shaped like the location) of ``g``."""
-    return _reduce_event(jnp.sum, x, g)
+    """Sums the event axes of an elementwise quantity (shaped like the location) of ``g``
+    (``linalg.event_sum``)."""
+    return _reduce_event(lambda y, axis: event_sum(y, len(axis)), x, g)
 
 
 def _all_event(x: Array, g: Gaussian) -> Array:

@@ -54,6 +54,7 @@ from numpyro_gkl.gaussian import (
 )
 from numpyro_gkl.linalg import (
     diagonal,
+    event_sum,
     scale_ratio_term,
     solve_lower,
     strict_lower_sq_sum,
@@ -72,7 +73,7 @@ def _sq_norm(x: Array) -> Array:
 
 def _diag_terms(scale_p: Array, scale_q: Array) -> Array:
     """Σᵢ g(2tᵢ), tᵢ = log(scale_p,ᵢ / scale_q,ᵢ), the diagonal of the triangular form. O(K)."""
-    return jnp.sum(scale_ratio_term(scale_p, scale_q), -1)
+    return event_sum(scale_ratio_term(scale_p, scale_q))
 
 
 def _cov_vs_diag(p: Gaussian, sq: Array) -> Array:
@@ -112,7 +113,7 @@ def _vs_tril(p: Gaussian, lq: Array, delta: Array) -> Array:
     # M = Lq⁻¹ diag(sp): its strict lower part needs the column norms of Lq⁻¹.
     lq_inv = tril_inverse(lq)
     col = jnp.sum(jnp.square(jnp.tril(lq_inv, -1)), -2)
-    f = _diag_terms(sp, diagonal(lq)) + jnp.sum(jnp.square(sp) * col, -1)
+    f = _diag_terms(sp, diagonal(lq)) + event_sum(jnp.square(sp) * col)
     if isinstance(p, LowRank):
         # Mixes a Cholesky with a low-rank factor: the pieces cancel when p ≈ q.
         lp = p.capacitance_tril()
@@ -282,7 +283,7 @@ def _residual_f(w: Array, d: Array, tril: Array, whiten: Array, sign: float) -> 
 def _mahalanobis(delta: Array, q: Gaussian) -> Array:
     """δᵀ Σq⁻¹ δ for a diagonal (O(K)) or low-rank (O(K r), given the capacitance factor) q."""
     if isinstance(q, Diagonal):
-        return jnp.sum(jnp.square(delta / q.scale), -1)
+        return event_sum(jnp.square(delta / q.scale))
     y = q.cov_factor / q.cov_diag[..., None]
     proj = jnp.swapaxes(y, -1, -2) @ delta[..., None]
     return jnp.sum(jnp.square(delta) / q.cov_diag, -1) - _sq_norm(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +23,24 @@ _SERIES_CUTOFF = 0.1
 _LOG1P_COEFFS = tuple((-1.0) ** n / n for n in range(2, 18))
 
 
+def _series_terms(dtype: Any) -> int:
+    """Terms of the series that reach ``dtype``'s precision at |x| = 0.1: the remainder
+    relative to the leading x²/2 is about 2·0.1ⁿ⁻²/n after n − 1 terms (9 in float32, 16 in
+    float64, which the evaluation cost follows)."""
+    eps = float(jnp.finfo(dtype).eps) / 2
+    n = 2
+    while 2.0 * _SERIES_CUTOFF ** (n - 1) / (n + 1) >= eps / 8:
+        n += 1
+    return n - 1
+
+
 def _small_series(x: Array, coeffs: tuple[float, ...], direct: Array) -> Array:
-    """``x² Σ_m coeffs[m] xᵐ`` where ``|x| < 0.1``, else ``direct`` (both branches finite)."""
+    """``x² Σ_m coeffs[m] xᵐ`` where ``|x| < 0.1``, else ``direct`` (both branches finite),
+    summed to ``x``'s precision (``_series_terms``)."""
     small = jnp.abs(x) < _SERIES_CUTOFF
     xs = jnp.where(small, x, 0.0)
     acc = jnp.zeros_like(xs)
-    for c in reversed(coeffs):
+    for c in reversed(coeffs[: _series_terms(xs.dtype)]):
         acc = acc * xs + c
     return jnp.where(small, acc * xs * xs, direct)
 
@@ -66,17 +79,17 @@ def scale_ratio_term(a: Array, b: Array) -> Array:
 def trace_minus_log_det_1p(x: Array) -> Array:
     """Σₖ h(λₖ) = tr X − log|I + X| ≥ 0 for symmetric X (r × r) with I + X positive definite.
 
-    For ‖X‖_F < 0.1 the series Σ_{k≥2} (−1)ᵏ tr(Xᵏ)/k (16 terms, exact to float64), which keeps
-    the relative accuracy of a tiny X; elsewhere the triangular form of I + X = L Lᵀ,
-    Σᵢ g(2 log Lᵢᵢ) + Σ_{i>j} Lᵢⱼ². Both are smooth in X to every order (unlike an eigenvalue
-    decomposition at repeated eigenvalues). Cost: O(r³) × 16.
+    For ‖X‖_F < 0.1 the series Σ_{k≥2} (−1)ᵏ tr(Xᵏ)/k (16 terms in float64, 8 in float32:
+    ``_series_terms``), which keeps the relative accuracy of a tiny X; elsewhere the triangular
+    form of I + X = L Lᵀ, Σᵢ g(2 log Lᵢᵢ) + Σ_{i>j} Lᵢⱼ². Both are smooth in X to every order
+    (unlike an eigenvalue decomposition at repeated eigenvalues). Cost: O(r³) × 16 (× 8 in float32).
     """
     x = 0.5 * (x + jnp.swapaxes(x, -1, -2))
     small = jnp.sum(jnp.square(x), axis=(-2, -1)) < _SERIES_CUTOFF**2
     mask = small[..., None, None]
     xs = jnp.where(mask, x, 0.0)
     power, series = xs, jnp.zeros(x.shape[:-2], x.dtype)
-    for c in _LOG1P_COEFFS:
+    for c in _LOG1P_COEFFS[: _series_terms(x.dtype)]:
         power = power @ xs
         series = series + c * jnp.trace(power, axis1=-2, axis2=-1)
     eye = jnp.eye(x.shape[-1], dtype=x.dtype)
@@ -84,6 +97,19 @@ def trace_minus_log_det_1p(x: Array) -> Array:
     diag = jnp.diagonal(lower, axis1=-2, axis2=-1)
     direct = jnp.sum(scale_ratio_term(diag, 1.0), -1) + strict_lower_sq_sum(lower)
     return jnp.where(small, series, direct)
+
+
+def event_sum(x: Array, n: int = 1) -> Array:
+    """The sum of ``x`` over its last ``n`` axes, as a product with a vector of ones.
+
+    XLA's CPU reduction over a short minor axis runs a loop per row: summing the K = 2 … 32
+    entries of each of B rows took 2–3.5× longer than the matrix-vector product
+    (``benchmarks/kl_speed.py``'s small-K cells). ``Precision.HIGHEST``, so that no accelerator
+    rounds the addends to a shorter mantissa. Cost: O(size of x).
+    """
+    size = math.prod(x.shape[x.ndim - n :])
+    flat = jnp.reshape(x, (*x.shape[: x.ndim - n], size))
+    return jnp.matmul(flat, jnp.ones(size, x.dtype), precision=lax.Precision.HIGHEST)
 
 
 def strict_lower_sq_sum(m: Array) -> Array:
@@ -208,6 +234,59 @@ def tril_inverse(tril: Array) -> Array:
         )
         s *= 2
     return inv[..., 0, :k, :k]
+
+
+# Triangles of at most this size are solved by ``tril_inverse`` and one product.
+_SOLVE_LEAF = 64
+
+
+def solve_by_halves(tril: Array, rhs: Array) -> Array:
+    """L⁻¹R for lower-triangular L (… × n × n) and a dense R (… × n × m), by halves.
+
+    X₁ = L₁₁⁻¹R₁, X₂ = L₂₂⁻¹(R₂ − L₂₁X₁), recursively, down to blocks of ``_SOLVE_LEAF`` that
+    are inverted (``tril_inverse``) and applied by a product: n²m flops, all in matmuls (XLA's
+    batched triangular solve calls LAPACK once per matrix, single-threaded). Batch shapes
+    broadcast. Cost: O(n² m).
+    """
+    n = tril.shape[-1]
+    if n <= _SOLVE_LEAF:
+        return tril_inverse(tril) @ rhs
+    h = n // 2
+    x1 = solve_by_halves(tril[..., :h, :h], rhs[..., :h, :])
+    x2 = solve_by_halves(tril[..., h:, h:], rhs[..., h:, :] - tril[..., h:, :h] @ x1)
+    return jnp.concatenate([x1, x2], -2)
+
+
+def solve_sq_sums(tril: Array, b: Array, vec: Array | None = None) -> tuple[Array, Array]:
+    """‖L⁻¹B‖²_F and ‖L⁻¹v‖² (0 without ``vec``) for lower-triangular L and B (… × n × n,
+    upper triangles zero) of one batch shape, and v (… × n); L⁻¹B is never assembled.
+
+    With L⁻¹B = [[X₁₁, 0], [X₂₁, X₂₂]]: X₁₁ = L₁₁⁻¹B₁₁ and X₂₁ = L₂₂⁻¹(B₂₁ − L₂₁X₁₁) by
+    ``solve_by_halves`` (v rides along as one more column), X₂₂ = L₂₂⁻¹B₂₂ recursively:
+    4n³/7 flops against n³ for L⁻¹ and the product of two triangles, in larger matmuls (at
+    K = 2048, 25–29 against 66 ms forward and 60–70 against 105 ms with gradients). Cost:
+    O(4n³/7).
+    """
+    n = tril.shape[-1]
+    if n <= _SOLVE_LEAF:
+        inv = tril_inverse(tril)
+        sq_b = jnp.sum(jnp.square(inv @ b), (-2, -1))
+        if vec is None:
+            return sq_b, jnp.zeros_like(sq_b)
+        return sq_b, jnp.sum(jnp.square(inv @ vec[..., None]), (-2, -1))
+    h = n // 2
+    rhs = b[..., :, :h] if vec is None else jnp.concatenate([b[..., :, :h], vec[..., None]], -1)
+    top = solve_by_halves(tril[..., :h, :h], rhs[..., :h, :])
+    bottom = solve_by_halves(tril[..., h:, h:], rhs[..., h:, :] - tril[..., h:, :h] @ top)
+    sq_22, _ = solve_sq_sums(tril[..., h:, h:], b[..., h:, h:])
+    sq_b = (
+        jnp.sum(jnp.square(top[..., :h]), (-2, -1))
+        + jnp.sum(jnp.square(bottom[..., :h]), (-2, -1))
+        + sq_22
+    )
+    if vec is None:
+        return sq_b, jnp.zeros_like(sq_b)
+    return sq_b, event_sum(jnp.square(top[..., h])) + event_sum(jnp.square(bottom[..., h]))
 
 
 # Up to these K a substitution written out row by row (elementwise over the batch, fused by XLA)

@@ -301,8 +301,8 @@ FULL_PAIR_B = 3
 
 
 # K = 6: the rule (q per p), the blocked product differentiated through the dense one (shared);
-# 12: dense (per p), blocked/dense (shared); 72: blocked (shared), dense (per p); 136: blocked,
-# both with Lq⁻¹ padded to the block grid
+# 12: one leaf of solve_sq_sums (per p), blocked/dense (shared); 72 and 136: one and two levels of
+# halves (per p), blocked (shared) with Lq⁻¹ padded to the block grid
 @pytest.mark.parametrize("k", [6, 12, 72, 136])
 @pytest.mark.parametrize("q_batch", [(), (FULL_PAIR_B,)], ids=["q shared", "q per p"])
 def test_full_pair_gradients_match_analytic(k, q_batch):

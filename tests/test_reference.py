@@ -21,7 +21,7 @@ from conftest import (
 )
 from numpyro.distributions.kl import kl_divergence
 
-from numpyro_gkl.linalg import tril_inverse
+from numpyro_gkl.linalg import solve_by_halves, solve_sq_sums, tril_inverse
 
 PAIRS = list(itertools.product(STRUCTURES, STRUCTURES))
 RTOL = 1e-10
@@ -211,9 +211,9 @@ def test_batch_broadcasting(sp, sq, bp, bq):
     ids=lambda v: str(v),
 )
 def test_full_pair_by_inverse(k, q_batch):
-    """Full p's against full q's on every path above the unrolled sizes: Lq⁻¹ by blocks (padded
-    to the block grid at K = 9, 40, 72, 136), then the dense product (K ≤ 128 per element) or
-    the blocked one (a shared q, and K = 136 per element)."""
+    """Full p's against full q's on every path above the unrolled sizes: a shared q by Lq⁻¹ by
+    blocks (padded to the block grid at K = 9, 40, 72) and the dense or blocked product; a q per
+    element by ``solve_sq_sums`` (one leaf at K = 9 and 40, two levels of halves at 136)."""
     rng = rng_for("full-by-inverse", k, len(q_batch))
     lp, lq = conditioned_tril(rng, k, (3,)), conditioned_tril(rng, k, q_batch)
     p = build("scale_tril", {"loc": rng.normal(size=(3, k)), "scale_tril": lp})
@@ -239,3 +239,29 @@ def test_tril_inverse_matches_numpy(k, batch):
     assert got.shape == tril.shape
     assert np.all(np.triu(got, 1) == 0.0)
     assert_close(got, np.linalg.inv(tril), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [5, 150])
+def test_solve_by_halves_matches_numpy(k):
+    """``linalg.solve_by_halves`` (one leaf at K = 5; at 150 unequal halves, 75 → 37 + 38) against
+    ``np.linalg.solve``, with a factor broadcast against a batch of right-hand sides; and
+    ``solve_sq_sums`` against the squared norms of the dense solves."""
+    rng = rng_for("solve-by-halves", k)
+    tril = np.tril(rng.normal(size=(2, 1, k, k)), -1) / np.sqrt(k) + np.eye(k) * rng.uniform(
+        0.5, 2.0, size=(2, 1, 1, k)
+    )
+    rhs = rng.normal(size=(2, 3, k, 4))
+    want = np.linalg.solve(np.broadcast_to(tril, (2, 3, k, k)), rhs)
+    got = np.asarray(solve_by_halves(jnp.asarray(tril), jnp.asarray(rhs)))
+    assert_close(got, want, rtol=1e-11, atol=1e-11)
+    b = np.tril(rng.normal(size=(2, 3, k, k)))
+    vec = rng.normal(size=(2, 3, k))
+    full = np.broadcast_to(tril, (2, 3, k, k))
+    sq_b, sq_v = solve_sq_sums(*(jnp.asarray(x) for x in (full, b, vec)))
+    assert_close(np.asarray(sq_b), np.sum(np.linalg.solve(full, b) ** 2, (-2, -1)), rtol=1e-11)
+    assert_close(
+        np.asarray(sq_v), np.sum(np.linalg.solve(full, vec[..., None]) ** 2, (-2, -1)), rtol=1e-11
+    )
+    sq_only, zero = solve_sq_sums(jnp.asarray(full), jnp.asarray(b))
+    assert_close(np.asarray(sq_only), np.asarray(sq_b), rtol=1e-13)
+    assert np.all(np.asarray(zero) == 0.0)
