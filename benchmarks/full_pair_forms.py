@@ -12,8 +12,8 @@ float32, K = 8 and 32 with a shared q, K = 32 and 128 with one q per guide; ``fw
 - ``shipped``: ``kl_divergence`` with numpyro-gkl registered (with a shared q up to K = 64 the
   product of Lq⁻¹ and D by blocks, differentiated through the dense product; with a q per
   guide Lq⁻¹[D | δ] by halves, ``linalg.solve_sq_sums``);
-- ``inverse``: Lq⁻¹ by blocks and one product per guide (dense up to K = 128 per guide, blocked
-  above; the shipped form with a shared q, and the previous form with a q per guide);
+- ``inverse``: Lq⁻¹ by blocks and one product per guide, dense up to K = 64 with a shared q and
+  K = 128 with a q per guide, blocked above (the previous shipped form with a q per guide);
 - ``solve``: Lq⁻¹[D | δ] by XLA's batched triangular solve (LAPACK per matrix), D = tril(Lp − Lq);
 - ``masked``: ``inverse``, but the strict lower triangle of Lq⁻¹D masked and summed apart from
   the diagonal term (an earlier form);
