@@ -102,10 +102,10 @@ def trace_minus_log_det_1p(x: Array) -> Array:
 def event_sum(x: Array, n: int = 1) -> Array:
     """The sum of ``x`` over its last ``n`` axes, as a product with a vector of ones.
 
-    XLA's CPU reduction over a short minor axis runs a loop per row: summing the K = 2 … 32
-    entries of each of B rows took 2–3.5× longer than the matrix-vector product
-    (``benchmarks/kl_speed.py``'s small-K cells). ``Precision.HIGHEST``, so that no accelerator
-    rounds the addends to a shorter mantissa. Cost: O(size of x).
+    XLA's CPU reduction over a short minor axis runs a loop per row, the matrix-vector product
+    does not (full–full at K = 2 with a shared q, ``benchmarks/kl_speed.py``: 2.28 → 0.73 ms
+    forward). ``Precision.HIGHEST``, so that no accelerator rounds the addends to a shorter
+    mantissa. Cost: O(size of x).
     """
     size = math.prod(x.shape[x.ndim - n :])
     flat = jnp.reshape(x, (*x.shape[: x.ndim - n], size))
@@ -263,9 +263,9 @@ def solve_sq_sums(tril: Array, b: Array, vec: Array | None = None) -> tuple[Arra
 
     With L⁻¹B = [[X₁₁, 0], [X₂₁, X₂₂]]: X₁₁ = L₁₁⁻¹B₁₁ and X₂₁ = L₂₂⁻¹(B₂₁ − L₂₁X₁₁) by
     ``solve_by_halves`` (v rides along as one more column), X₂₂ = L₂₂⁻¹B₂₂ recursively:
-    4n³/7 flops against n³ for L⁻¹ and the product of two triangles, in larger matmuls (at
-    K = 2048, 25–29 against 66 ms forward and 60–70 against 105 ms with gradients). Cost:
-    O(4n³/7).
+    4n³/7 flops against n³ for L⁻¹ and the product of two triangles, in larger matmuls (the
+    full–full KL at K = 2048: 36 against 83 ms forward, 80 against 119 ms with gradients,
+    ``benchmarks/full_pair_forms.py``). Cost: O(4n³/7).
     """
     n = tril.shape[-1]
     if n <= _SOLVE_LEAF:
