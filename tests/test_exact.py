@@ -108,7 +108,7 @@ def test_exact_path_derivatives(sp, sq, order, always_exact):
     gradient (the gate's predicate batched: both branches, same numbers)."""
     rng = rng_for("exact grads", sp, sq)
     args = (random_theta(rng, sp), random_theta(rng, sq))
-    f = kl_of_thetas(sp, sq)
+    f = jax.jit(kl_of_thetas(sp, sq))
     check_grads(f, args, order=order, modes=["rev"])
     batched = jax.vmap(jax.grad(f), in_axes=(0, None))(np.stack([args[0], 2 * args[0]]), args[1])
     assert_close(batched[1], jax.grad(f)(2 * args[0], args[1]), rtol=1e-12)

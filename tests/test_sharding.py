@@ -20,7 +20,7 @@ import textwrap
 
 import numpy as np
 import pytest
-from conftest import built_kl, random_gaussian, rng_for, run_python
+from conftest import TEST_XLA_FLAGS, built_kl, random_gaussian, rng_for, run_python
 
 DEVICES = 4
 B, K = 12, 6  # B divisible by DEVICES; K above linalg.SHARED_SOLVE_MIN_K (shared-factor path)
@@ -139,7 +139,7 @@ def child(tmp_path_factory) -> tuple[dict, dict]:
         json.dumps(PAIRS),
         str(N),
         env={
-            "XLA_FLAGS": f"--xla_force_host_platform_device_count={DEVICES}",
+            "XLA_FLAGS": f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count={DEVICES}",
             "JAX_PLATFORMS": "cpu",
         },
     )
