@@ -48,6 +48,7 @@ from numpyro_gkl.linalg import (
     UNROLL_MAX_K,
     diagonal,
     event_sum,
+    highest_precision,
     is_shared,
     product_transposed,
     scale_ratio_term,
@@ -124,6 +125,7 @@ def _twice_kl_by_blocks(lp: Array, lq: Array, delta: Array, shared: bool) -> Arr
     return y_sq + diag + event_sum(jnp.square(z))
 
 
+@highest_precision
 def _sq_sum_dense(lq_inv: Array, diff: Array) -> Array:
     """‖Lq⁻¹D‖²_F by one dense product (formed transposed: one GEMM for a shared Lq⁻¹)."""
     return jnp.sum(jnp.square(product_transposed(lq_inv, diff)), (-2, -1))
@@ -150,6 +152,7 @@ def _inner(weight: Array, tangent: Array | SymbolicZero, axes: tuple[int, ...]) 
     return jnp.sum(weight * tangent, axes)
 
 
+@highest_precision
 def _twice_kl_jvp(primals: tuple[Array, Array, Array], tangents: tuple) -> tuple[Array, Array]:
     lp, lq, delta = primals
     d_lp, d_lq, d_delta = tangents

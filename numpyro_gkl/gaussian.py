@@ -37,7 +37,7 @@ from numpyro.distributions import (
     Normal,
 )
 
-from numpyro_gkl.linalg import event_sum
+from numpyro_gkl.linalg import event_sum, highest_precision
 
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -192,6 +192,7 @@ def _reduce_event(reduce: Callable[..., Array], x: Array, g: Gaussian) -> Array:
     return reduce(x, axis=tuple(range(-n, 0))) if n else x
 
 
+@highest_precision
 def entropy(g: Gaussian) -> Array:
     """H = ½ K log(2πe) + ½ log|Σ| of each event, NaN where ``g.valid()`` is False. Cost: that
     of ``half_log_det``."""

@@ -55,6 +55,7 @@ from numpyro_gkl.gaussian import (
 from numpyro_gkl.linalg import (
     diagonal,
     event_sum,
+    highest_precision,
     scale_ratio_term,
     solve_lower,
     strict_lower_sq_sum,
@@ -385,6 +386,7 @@ def _nan_where_invalid(x: Array, p: Gaussian, q: Gaussian) -> Array:
     return jnp.broadcast_to(x, jnp.broadcast_shapes(p.batch_shape, q.batch_shape))
 
 
+@highest_precision
 def gaussian_kl(p: Gaussian, q: Gaussian) -> Array:
     """KL(p‖q) with shape ``broadcast(p.batch_shape, q.batch_shape)``.
 
@@ -410,6 +412,7 @@ def gaussian_kl(p: Gaussian, q: Gaussian) -> Array:
     return _nan_where_invalid(kl, p, q)
 
 
+@highest_precision
 def cross_entropy(p: Gaussian, q: Gaussian) -> Array:
     """E_p[−log q] = H(p) + KL(p‖q), with shape ``broadcast(p.batch_shape, q.batch_shape)``.
 

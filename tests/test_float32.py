@@ -12,6 +12,7 @@ without numpyro_gkl: the products of float32 numbers are exact in float64, so
 from __future__ import annotations
 
 import itertools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,7 @@ import numpy as np
 import numpyro.distributions as dist
 import pytest
 import scipy.linalg
-from conftest import STRUCTURES, built_kl, random_gaussian
+from conftest import STRUCTURES, built_kl, make_dist, random_gaussian, random_params
 from numpyro.distributions.kl import kl_divergence
 
 import numpyro_gkl
@@ -179,3 +180,44 @@ def test_float32_in_float32_out(sp, sq, k):
     kl = kl_divergence(p.dist, q.dist)
     assert kl.dtype == expected
     np.testing.assert_allclose(float(kl), built_kl(p, q), rtol=2e-3)
+
+
+# --------------------------------------------------------------------------------------------
+# no matmul left to the backend's default precision (TF32 / bfloat16 passes on accelerators)
+# --------------------------------------------------------------------------------------------
+
+
+def _dot_precisions(sp: str, sq: str, k: int, q_batch: tuple[int, ...]) -> list[str]:
+    """The precision of every ``dot_general`` in the StableHLO of the float32 KL's gradient
+    with respect to both sides' parameters, the KL jitted inside ``grad`` (so that the
+    hand-written derivatives are traced after the rule has returned) and the gradient jitted."""
+    rng = np.random.default_rng(k)
+    pp = {n: jnp.asarray(v, jnp.float32) for n, v in random_params(rng, sp, k, (3,)).items()}
+    pq = {n: jnp.asarray(v, jnp.float32) for n, v in random_params(rng, sq, k, q_batch).items()}
+
+    def f(a, b):
+        return jnp.sum(kl_divergence(make_dist(sp, a), make_dist(sq, b)))
+
+    text = jax.jit(jax.grad(jax.jit(f), argnums=(0, 1))).lower(pp, pq).as_text()
+    return re.findall(r"dot_general .*?precision = \[(\w+), (\w+)\]", text)
+
+
+# every pair of the three forms at K = 6 (covariance and precision matrices become scale_tril
+# in NumPyro's constructors), full against full with the hand-written rule (K = 6, a q per p)
+# and by halves and blocks (K = 72); the unrolled substitution (K ≤ 4) has no matmul
+PRECISION_CASES = [
+    *(
+        (sp, sq, 6, ())
+        for sp, sq in itertools.product(("diag", "scale_tril", "lowrank3"), repeat=2)
+    ),
+    ("scale_tril", "scale_tril", 6, (3,)),
+    ("scale_tril", "scale_tril", 72, (3,)),
+    ("scale_tril", "scale_tril", 72, ()),
+]
+
+
+@pytest.mark.parametrize(("sp", "sq", "k", "q_batch"), PRECISION_CASES)
+def test_every_matmul_asks_for_the_highest_precision(sp, sq, k, q_batch):
+    precisions = _dot_precisions(sp, sq, k, q_batch)
+    assert precisions, "no matmul found: the pattern no longer matches the StableHLO text"
+    assert all(p == ("HIGHEST", "HIGHEST") for p in precisions), sorted(set(precisions))
