@@ -6,10 +6,9 @@ covariance inverse Σ⁻¹.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
-from functools import partial
+from functools import partial, wraps
 from typing import Any, TypeVar
 
 import jax
@@ -32,7 +31,7 @@ def highest_precision(fn: F) -> F:
     time.
     """
 
-    @functools.wraps(fn)
+    @wraps(fn)
     def wrapped(*args: Any, **kwargs: Any) -> Any:
         with jax.default_matmul_precision("highest"):
             return fn(*args, **kwargs)

@@ -13,6 +13,7 @@ import numpy as np
 from jax import Array
 
 from numpyro_gkl.gaussian import Diagonal, Gaussian, LowRank, Tril
+from numpyro_gkl.linalg import highest_precision
 
 
 def _select(x: Array, index: np.ndarray) -> Array:
@@ -26,6 +27,7 @@ def _select(x: Array, index: np.ndarray) -> Array:
     return x[index]
 
 
+@highest_precision
 def site_marginal(joint: Gaussian, index: np.ndarray, prior: Gaussian) -> Gaussian:
     """The marginal of ``joint`` (a vector Gaussian over u) at ``u[index]``, shaped like ``prior``.
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import zlib
@@ -79,6 +80,11 @@ STRUCTURES = (
 )
 FULL = ("scale_tril", "covariance_matrix", "precision_matrix")
 LOWRANK = ("lowrank1", "lowrank3")
+
+
+def dot_precisions(stablehlo: str) -> list[tuple[str, str]]:
+    """The (lhs, rhs) precision of every ``dot_general`` in a lowered program's StableHLO text."""
+    return re.findall(r"dot_general .*?precision = \[(\w+), (\w+)\]", stablehlo)
 
 
 def run_python(

@@ -12,7 +12,6 @@ without numpyro_gkl: the products of float32 numbers are exact in float64, so
 from __future__ import annotations
 
 import itertools
-import re
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +19,14 @@ import numpy as np
 import numpyro.distributions as dist
 import pytest
 import scipy.linalg
-from conftest import STRUCTURES, built_kl, make_dist, random_gaussian, random_params
+from conftest import (
+    STRUCTURES,
+    built_kl,
+    dot_precisions,
+    make_dist,
+    random_gaussian,
+    random_params,
+)
 from numpyro.distributions.kl import kl_divergence
 
 import numpyro_gkl
@@ -187,7 +193,7 @@ def test_float32_in_float32_out(sp, sq, k):
 # --------------------------------------------------------------------------------------------
 
 
-def _dot_precisions(sp: str, sq: str, k: int, q_batch: tuple[int, ...]) -> list[str]:
+def _dot_precisions(sp: str, sq: str, k: int, q_batch: tuple[int, ...]) -> list[tuple[str, str]]:
     """The precision of every ``dot_general`` in the StableHLO of the float32 KL's gradient
     with respect to both sides' parameters, the KL jitted inside ``grad`` (so that the
     hand-written derivatives are traced after the rule has returned) and the gradient jitted."""
@@ -198,8 +204,7 @@ def _dot_precisions(sp: str, sq: str, k: int, q_batch: tuple[int, ...]) -> list[
     def f(a, b):
         return jnp.sum(kl_divergence(make_dist(sp, a), make_dist(sq, b)))
 
-    text = jax.jit(jax.grad(jax.jit(f), argnums=(0, 1))).lower(pp, pq).as_text()
-    return re.findall(r"dot_general .*?precision = \[(\w+), (\w+)\]", text)
+    return dot_precisions(jax.jit(jax.grad(jax.jit(f), argnums=(0, 1))).lower(pp, pq).as_text())
 
 
 # every pair of the three forms at K = 6 (covariance and precision matrices become scale_tril

@@ -1,8 +1,11 @@
 """``site_marginal`` against the dense float64 covariance of the joint, selected in NumPy."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 import pytest
+from conftest import dot_precisions
 
 from numpyro_gkl.gaussian import as_gaussian
 from numpyro_gkl.marginals import site_marginal
@@ -28,3 +31,18 @@ def test_site_marginal_matches_the_selected_covariance(index, prior_form):
     else:
         factor = np.asarray(marginal.scale_tril)
         np.testing.assert_allclose(factor @ factor.T, cov, rtol=1e-12)
+
+
+def test_full_marginal_matmul_asks_for_the_highest_precision():
+    """L[idx] L[idx]ᵀ, the block the closed form sees, keeps float32's full mantissa on an
+    accelerator too (JAX's default would allow TF32)."""
+    prior = as_gaussian(dist.MultivariateNormal(jnp.zeros(3), jnp.eye(3)))
+
+    def block(loc, tril):
+        joint = as_gaussian(dist.MultivariateNormal(loc, scale_tril=tril))
+        return site_marginal(joint, np.asarray([2, 3, 4]), prior).scale_tril
+
+    text = jax.jit(block).lower(jnp.zeros(6, jnp.float32), jnp.eye(6, dtype=jnp.float32))
+    precisions = dot_precisions(text.as_text())
+    assert precisions, "no matmul found: the pattern no longer matches the StableHLO text"
+    assert all(p == ("HIGHEST", "HIGHEST") for p in precisions), sorted(set(precisions))
