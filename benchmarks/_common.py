@@ -42,6 +42,28 @@ def cpu_model() -> str:
     return platform.processor() or "unknown CPU"
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(busy, steal) CPU time in clock ticks since boot, all cores, from Linux's ``/proc/stat``
+    (busy: user, nice, system, irq, softirq; steal: time the hypervisor ran other guests while
+    this one was ready to run); ``None`` elsewhere."""
+    try:
+        with open("/proc/stat") as fh:
+            fields = [int(x) for x in fh.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return user + nice + system + irq + softirq, steal
+
+
+def steal_share(start: tuple[int, int] | None, end: tuple[int, int] | None) -> float | None:
+    """The share of CPU time stolen by the hypervisor between two ``cpu_times`` readings,
+    steal / (busy + steal); ``None`` without readings or CPU time between them."""
+    if start is None or end is None:
+        return None
+    busy, steal = end[0] - start[0], end[1] - start[1]
+    return steal / (busy + steal) if busy + steal > 0 else None
+
+
 def package_version(dist: str) -> str | None:
     """Installed version of the distribution ``dist``, or ``None``.
 

@@ -29,8 +29,13 @@ Each timing is the median over rounds; a round calls every implementation of the
 (several calls each for fast ones, averaged), in an order rotated every round, so machine noise
 hits all columns alike; PyTorch's OpenMP threads are made to sleep between calls
 (``OMP_WAIT_POLICY=PASSIVE``) rather than spin on the cores the next call needs. Ratios
-``upstream/ours`` and ``best peer/ours`` above 1 mean ours is faster. Every implementation's KL
-value is checked against the first one's (a note is printed past a loose tolerance).
+``upstream/ours`` and ``best peer/ours`` above 1 mean ours is faster; ``per round: median
+(IQR)`` is the median and interquartile range of the latter ratio taken round by round (the
+fastest peer and ours timed back to back), the comparison's own noise, and the machine line gives
+the share of CPU time the hypervisor stole during the run (Linux ``/proc/stat``). Every
+implementation's KL value is checked against the first one's (a note is printed past a loose
+tolerance). ``--impls`` times a subset alone (``--impls ours``: ours with nothing run between
+its calls).
 
 Cells run in a child process with a watchdog: jaxlib 0.10.2 on CPU can deadlock (see
 ``Worker``), and a stalled cell is retried in a fresh process and reported.
@@ -68,7 +73,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from _common import Rates, machine_line, measure_rates, render_table
+from _common import Rates, cpu_times, machine_line, measure_rates, render_table, steal_share
 
 # K -> batch B, so that the input of a cell is a few MB.
 FULL_GRID = {2: 100_000, 8: 10_000, 32: 1_000, 128: 100, 512: 4, 2048: 1}
@@ -422,13 +427,16 @@ MEMORY_IMPLS = ("ours", "upstream")
 @dataclass
 class Result:
     """Median ms per implementation (``None`` = skipped), notes on skips and mismatches, the
-    cell's input and output bytes, and ``peak/input`` of the compiled call per implementation."""
+    cell's input and output bytes, ``peak/input`` of the compiled call per implementation, and
+    the quartiles [25 %, 50 %, 75 %] of the per-round ratio fastest peer / ours (``None``
+    without a peer)."""
 
     ms: dict[str, float | None] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     input_bytes: int = 0
     output_bytes: int = 0
     peak: dict[str, float] = field(default_factory=dict)
+    best_peer_quartiles: list[float] | None = None
 
 
 def _prepare(
@@ -503,7 +511,9 @@ def time_cell(
     order = list(calls)
     start = time.perf_counter()
     rounds = 0
-    while rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < 200):
+    while order and (
+        rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < 200)
+    ):
         # Rotate the order every round, so that no implementation always follows the same one
         # (whatever a call leaves behind, e.g. busy worker threads, hits every column alike).
         for impl in order[rounds % len(order) :] + order[: rounds % len(order)]:
@@ -516,7 +526,21 @@ def time_cell(
         rounds += 1
     for impl, times in samples.items():
         result.ms[impl] = statistics.median(times)
+    result.best_peer_quartiles = _best_peer_quartiles(samples)
     return result
+
+
+def _best_peer_quartiles(samples: dict[str, list[float]]) -> list[float] | None:
+    """Quartiles [25 %, 50 %, 75 %] of fastest peer / ours over the rounds, the fastest peer
+    being the one with the lowest median; each round's two times were taken back to back, so
+    the ratio's spread is the noise the comparison itself sees (a slow round of the machine
+    slows both). Its median need not equal the ratio of the two medians."""
+    peers = [i for i in samples if i not in ("ours", "upstream") and samples[i]]
+    if "ours" not in samples or not peers:
+        return None
+    best = min(peers, key=lambda i: statistics.median(samples[i]))
+    ratios = [p / o for p, o in zip(samples[best], samples["ours"], strict=True)]
+    return statistics.quantiles(ratios, n=4, method="inclusive")
 
 
 # --------------------------------------------------------------------------------------------
@@ -692,6 +716,10 @@ def _best_peer(res: Result, peers: Sequence[str]) -> float | None:
     return min(peer_ms) if peer_ms else None
 
 
+def _fmt_quartiles(q: list[float] | None) -> str:
+    return "—" if q is None else f"{q[1]:.2f}× ({q[0]:.2f}–{q[2]:.2f})"
+
+
 def _fmt_peak(r: float | None) -> str:
     return "—" if r is None else f"{r:.2f}"
 
@@ -715,6 +743,7 @@ def table_rows(
                 *(_fmt_ms(res.ms.get(i)) for i in ("ours", "upstream", *peers)),
                 _fmt_ratio(_ratio(res.ms.get("upstream"), res.ms.get("ours"))),
                 _fmt_ratio(_ratio(best, res.ms.get("ours"))),
+                _fmt_quartiles(res.best_peer_quartiles),
                 f"{limit:.3g}",
                 _fmt_ratio(_ratio(res.ms.get("ours"), limit)),
                 *(_fmt_peak(res.peak.get(i)) for i in MEMORY_IMPLS),
@@ -759,7 +788,20 @@ def target_lines(
             f"Target {name}: {', '.join(parts)} cells meet it"
             + (f" (missed: {shown})" if misses else "")
         )
+    lines.append(_noise_line(results))
     return lines
+
+
+def _noise_line(results: Sequence[Result]) -> str:
+    """How many cells' per-round interquartile range of fastest peer / ours lies wholly at or
+    above 2×, wholly below it, or spans it (the median's verdict there is within the noise)."""
+    iqrs = [r.best_peer_quartiles for r in results if r.best_peer_quartiles is not None]
+    above = sum(q[0] >= 2.0 for q in iqrs)
+    below = sum(q[2] < 2.0 for q in iqrs)
+    return (
+        f"Per-round ratio fastest peer / ours, interquartile range: wholly ≥ 2× in {above}, "
+        f"wholly < 2× in {below}, spanning 2× in {len(iqrs) - above - below} of {len(iqrs)} cells"
+    )
 
 
 def plot_vs_k(
@@ -875,6 +917,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--only", default=None, help="run only the cells whose 'pair K' label contains this"
     )
+    parser.add_argument(
+        "--impls",
+        default=None,
+        help="time only these implementations (comma-separated, e.g. ours,TFP); all by default",
+    )
     parser.add_argument("--plot", default=None, help="write the time-against-K figure here")
     parser.add_argument("--json", default=None, help="save the run as JSON here")
     parser.add_argument("--load", default=None, help="render a run saved with --json; time nothing")
@@ -887,6 +934,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
     peers, peer_notes = available_peers()
     impls = ["ours", "upstream", *peers]
+    if args.impls is not None:
+        wanted = args.impls.split(",")
+        impls = [i for i in impls if i in wanted]
+        peers = [p for p in peers if p in wanted]
     budget = args.budget if args.budget is not None else (0.4 if args.quick else 1.5)
     min_rounds = 3 if args.quick else 5
     cells = build_cells(args.quick)
@@ -896,6 +947,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     stall_notes = []
     worker = Worker(args.dtype)
     load_start = os.getloadavg()[0]
+    cpu_start = cpu_times()
     t_start = time.perf_counter()
     rates = worker.rates()
     print(
@@ -916,9 +968,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
             stall_notes.append(f"stalled (hung, process restarted) in {', '.join(stalls)}: {where}")
     worker.close()
     elapsed = time.perf_counter() - t_start
+    steal = steal_share(cpu_start, cpu_times())
+    stolen = "" if steal is None else f", CPU steal {100 * steal:.0f}% (hypervisor) during it"
     machine = machine_line(
         f"dtype {args.dtype}, JAX backend {jax.default_backend()}, load average "
-        f"{load_start:.1f} at the start, run took {elapsed:.0f} s"
+        f"{load_start:.1f} at the start, run took {elapsed:.0f} s{stolen}"
     )
     return {
         "machine": machine,
@@ -934,16 +988,17 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def report(run: dict[str, Any], markdown: bool) -> None:
     """Prints the machine, the rates, the table, the targets and the notes of ``run``."""
     rates, cells, results = run["rates"], run["cells"], run["results"]
-    impls, peers = run["impls"], run["peers"]
+    peers = run["peers"]
     header = [
         "pair",
         "K",
         "B",
         "q batch",
         "mode",
-        *(f"{i} ms" for i in impls),
+        *(f"{i} ms" for i in ("ours", "upstream", *peers)),
         "upstream/ours",
         "best peer/ours",
+        "per round: median (IQR)",
         "limit ms",
         "ours/limit",
         *(f"peak/input {i}" for i in MEMORY_IMPLS),
