@@ -526,19 +526,18 @@ def time_cell(
         rounds += 1
     for impl, times in samples.items():
         result.ms[impl] = statistics.median(times)
-    result.best_peer_quartiles = _best_peer_quartiles(samples)
+    peers = [i for i in calls if i not in ("ours", "upstream")]
+    result.best_peer_quartiles = _best_peer_quartiles(samples, _fastest_peer(result.ms, peers))
     return result
 
 
-def _best_peer_quartiles(samples: dict[str, list[float]]) -> list[float] | None:
-    """Quartiles [25 %, 50 %, 75 %] of fastest peer / ours over the rounds, the fastest peer
-    being the one with the lowest median; each round's two times were taken back to back, so
-    the ratio's spread is the noise the comparison itself sees (a slow round of the machine
-    slows both). Its median need not equal the ratio of the two medians."""
-    peers = [i for i in samples if i not in ("ours", "upstream") and samples[i]]
-    if "ours" not in samples or not peers:
+def _best_peer_quartiles(samples: dict[str, list[float]], best: str | None) -> list[float] | None:
+    """Quartiles [25 %, 50 %, 75 %] of fastest peer ``best`` / ours over the rounds; each
+    round's two times were taken back to back, so the ratio's spread is the noise the comparison
+    itself sees (a slow round of the machine slows both). Its median need not equal the ratio of
+    the two medians."""
+    if best is None or not samples.get("ours"):
         return None
-    best = min(peers, key=lambda i: statistics.median(samples[i]))
     ratios = [p / o for p, o in zip(samples[best], samples["ours"], strict=True)]
     return statistics.quantiles(ratios, n=4, method="inclusive")
 
@@ -711,9 +710,15 @@ def _fmt_ratio(r: float | None) -> str:
     return "—" if r is None else f"{r:.2f}×"
 
 
+def _fastest_peer(ms: dict[str, float | None], peers: Sequence[str]) -> str | None:
+    """The peer with the lowest median time in ``ms``, or ``None`` if none was timed."""
+    timed = [p for p in peers if ms.get(p) is not None]
+    return min(timed, key=lambda p: ms[p]) if timed else None
+
+
 def _best_peer(res: Result, peers: Sequence[str]) -> float | None:
-    peer_ms = [res.ms[p] for p in peers if res.ms.get(p) is not None]
-    return min(peer_ms) if peer_ms else None
+    best = _fastest_peer(res.ms, peers)
+    return None if best is None else res.ms[best]
 
 
 def _fmt_quartiles(q: list[float] | None) -> str:
