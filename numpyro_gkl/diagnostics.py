@@ -5,7 +5,8 @@ so ``az.summary``, ``az.ess``, ``az.mcse``, ``az.rhat`` and ArviZ's plots apply 
 
 - ``gradient_draws``: independent draws of the loss gradient (and of the loss) at fixed
   parameters for several estimators, one variable per parameter with the estimator as a
-  coordinate, so ``az.summary`` gives mean, sd, MCSE and ESS per estimator and element;
+  coordinate, so ``az.summary`` gives mean, sd, MCSE and ESS per estimator and element
+  (``gradient_draws_at``: the same at several parameter values, compiled once);
 - ``variance_ratio``: the summed gradient variance of one estimator over another's, with a
   bootstrap interval (ArviZ has no variance ratio);
 - ``svi_runs``: SVI over several seeds with one estimator, the seeds as chains: the guide's
@@ -71,25 +72,64 @@ def gradient_draws(
     ``len(estimators)`` gradient evaluations: one compiled program per estimator, run one after
     another, each mapping over the draws one at a time.
     """
-    constrain, free = _unconstrained(model, guide, args, kwargs, params)
+    return gradient_draws_at(
+        model,
+        guide,
+        *args,
+        params=[params],
+        estimators=estimators,
+        num_draws=num_draws,
+        num_particles=num_particles,
+        seed=seed,
+        **kwargs,
+    )[0]
+
+
+def gradient_draws_at(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    params: Sequence[dict | None],
+    estimators: Sequence[str] = ESTIMATORS,
+    num_draws: int = 200,
+    num_particles: int = 4,
+    seed: int = 0,
+    **kwargs: Any,
+) -> list[Any]:
+    """``gradient_draws`` at each entry of ``params`` (same keys at every point), one ArviZ
+    data per entry. Each estimator's program is compiled once and run at every point, which
+    costs ``len(estimators)`` compilations in all instead of ``len(params)`` times that.
+    """
+    points = [_unconstrained(model, guide, args, kwargs, p) for p in params]
+    constrain = points[0][0]  # the param sites' transforms do not depend on their values
     keys = jax.random.split(jax.random.PRNGKey(seed), num_draws)
 
-    def draws_of(elbo):
-        def one(key):
-            def loss_at(u):
-                return elbo.loss(key, constrain(u), model, guide, *args, **kwargs)
+    def program(elbo):
+        def at(keys, free):
+            def one(key):
+                def loss_at(u):
+                    return elbo.loss(key, constrain(u), model, guide, *args, **kwargs)
 
-            return jax.value_and_grad(loss_at)(free)
+                return jax.value_and_grad(loss_at)(free)
 
-        return jax.jit(lambda k: jax.lax.map(one, k))(keys)
+            return jax.lax.map(one, keys)
+
+        return jax.jit(at)
 
     # One program per estimator, draws not batched: jaxlib 0.10.2 on CPU deadlocks (idle in
     # BlockUntilReady) when a program runs several independent batched LAPACK calls at once,
     # as one program of all estimators over chunks of 10 draws did on the VAE.
-    per_estimator = []
+    per_point: list[list[dict]] = [[] for _ in points]
     for estimator in estimators:
-        loss, grads = draws_of(_elbo(estimator, num_particles))
-        per_estimator.append({"loss": np.asarray(loss), **jax.tree.map(np.asarray, grads)})
+        run = program(_elbo(estimator, num_particles))
+        for draws, (_, free) in zip(per_point, points, strict=True):
+            loss, grads = run(keys, free)
+            draws.append({"loss": np.asarray(loss), **jax.tree.map(np.asarray, grads)})
+    return [_as_arviz(per_estimator, estimators) for per_estimator in per_point]
+
+
+def _as_arviz(per_estimator: list[dict], estimators: Sequence[str]) -> Any:
+    """ArviZ data of one point's draws, the estimator as a coordinate."""
     variables, dims = {}, {}
     for name in per_estimator[0]:
         stacked = np.stack([d[name] for d in per_estimator], axis=1)  # draw, estimator, ...
@@ -213,6 +253,7 @@ __all__ = [
     "ESTIMATORS",
     "bootstrap_weights",
     "gradient_draws",
+    "gradient_draws_at",
     "nuts_reference",
     "summed_variance_resampled",
     "svi_runs",

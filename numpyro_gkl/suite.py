@@ -2,7 +2,7 @@
 
 Each ``Problem`` is a model, a guide factory and its data; ``run_problem`` measures, in ArviZ
 terms, what the closed form does there: gradient draws of every estimator at the guide's
-initialization and at a fitted optimum (``diagnostics.gradient_draws``) with the variance ratios
+initialization and at a fitted optimum (``diagnostics.gradient_draws_at``) with the variance ratios
 against the sampled estimator (``diagnostics.variance_ratio``), SVI over several seeds per
 estimator (``diagnostics.svi_runs``) and, where the posterior is known or NUTS is cheap, a
 reference (the exact conjugate posterior, or ``diagnostics.nuts_reference``). The examples in
@@ -208,10 +208,10 @@ def run_problem(problem: Problem, quick: bool = False) -> ProblemResult:
     steps = problem.steps[1] if quick else problem.steps[0]
     result = ProblemResult(problem)
     fitted, guide = _fit(problem, args, kwargs, steps)
-    for where, params in (("init", None), ("optimum", fitted)):
-        data = dg.gradient_draws(
-            problem.model, guide, *args, params=params, num_draws=draws, **kwargs
-        )
+    at = dg.gradient_draws_at(
+        problem.model, guide, *args, params=[None, fitted], num_draws=draws, **kwargs
+    )
+    for where, data in zip(("init", "optimum"), at, strict=True):
         result.gradients[where] = data
         for estimator in ("analytic", "adaptive"):
             result.ratios[(where, estimator)] = dg.variance_ratio(data, estimator)
