@@ -100,6 +100,8 @@ def gradient_draws_at(
     data per entry. Each estimator's program is compiled once and run at every point, which
     costs ``len(estimators)`` compilations in all instead of ``len(params)`` times that.
     """
+    if not params:
+        raise ValueError("gradient_draws_at: params is empty; give at least one point (None: init)")
     points = [_unconstrained(model, guide, args, kwargs, p) for p in params]
     constrain = points[0][0]  # the param sites' transforms do not depend on their values
     keys = jax.random.split(jax.random.PRNGKey(seed), num_draws)

@@ -157,6 +157,13 @@ def test_gradient_draws_at_each_point_match_the_exact_elbo():
                 assert np.all(np.abs(d.mean(0) - exact) < 5 * se), (estimator, d.mean(0), exact)
 
 
+def test_gradient_draws_at_no_point_raises():
+    with pytest.raises(ValueError, match="params is empty"):
+        dg.gradient_draws_at(
+            eight_schools_noncentered, AutoNormal(eight_schools_noncentered), params=[]
+        )
+
+
 def test_svi_runs_seeds_are_chains():
     data = dg.svi_runs(
         eight_schools_noncentered,
