@@ -30,11 +30,13 @@ import pytest
 from conftest import (
     FULL,
     STRUCTURES,
+    assert_close,
     dense_cov,
     dense_entropy,
     dense_kl,
     make_dist,
     random_params,
+    random_tril,
     rng_for,
     run_python,
 )
@@ -439,6 +441,40 @@ def test_validation_raises_numpyros_error(structure):
             else:
                 with pytest.raises(ValueError):  # a LinAlgError for a NaN covariance matrix
                     build(structure, params)
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_non_finite_upper_triangle_is_ignored_with_its_gradient(value):
+    """A NaN or ±inf above the diagonal of p's ``scale_tril`` (KL against a diagonal q, where the
+    triangle's sum of squares is a product with a 0/1 mask, 0 · inf = NaN, with a fallback):
+    the KL is the dense reference, the gradient's lower triangle is dKL/dL = tril(Σq⁻¹L − L⁻ᵀ)
+    and its upper triangle exactly zero; eagerly, under jit and under a vmap over the batch
+    (which evaluates both branches)."""
+    rng = rng_for("non-finite upper", str(value))
+    k, b = 5, 3
+    lp = random_tril(rng, k, (b,))
+    mp, mq, s = rng.normal(size=(b, k)), rng.normal(size=k), np.exp(rng.uniform(-0.5, 0.5, k))
+    bad = lp.copy()
+    bad[1, 0, 3] = value
+    want = dense_kl(mp, lp @ np.swapaxes(lp, -1, -2), mq, np.diag(s**2))
+    want_grad = np.tril(lp / s[:, None] ** 2 - np.swapaxes(np.linalg.inv(lp), -1, -2))
+
+    def kl(m, tril):
+        return kl_divergence(
+            dist.MultivariateNormal(m, scale_tril=tril, validate_args=False),
+            dist.Normal(mq, s).to_event(1),
+        )
+
+    grad = jax.grad(lambda tril: jnp.sum(kl(mp, tril)))
+    for label, got, got_grad in (
+        ("eager", kl(mp, bad), grad(bad)),
+        ("jit", jax.jit(kl)(mp, bad), jax.jit(grad)(bad)),
+        ("vmap", jax.vmap(kl)(mp, bad), jax.vmap(jax.grad(kl, 1))(mp, bad)),
+    ):
+        assert_close(got, want, rtol=1e-10, what=label)
+        got_grad = np.asarray(got_grad)
+        assert np.all(np.triu(got_grad, 1) == 0.0), (label, got_grad)
+        assert_close(np.tril(got_grad), want_grad, rtol=1e-9, atol=1e-12, what=label)
 
 
 def _prior_model():

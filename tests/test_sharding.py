@@ -34,9 +34,11 @@ PAIRS = (
     ("lowrank_diag", "lowrank3", "diag", False),
     ("lowrank_full_shared", "lowrank3", "scale_tril", True),
 )
-# A low-rank/full pair decides for the whole batch whether to take the exact path
-# (kl._exact_when_close, a lax.cond on any(f < tol)): one boolean all-reduced, nothing gathered.
-MIXED = {"lowrank_full_shared"}
+# One boolean all-reduced, nothing gathered: a low-rank/full pair decides for the whole batch
+# whether to take the exact path (kl._exact_when_close, a lax.cond on any(f < tol)), a full p
+# against a diagonal q whether p's upper triangle let a NaN into its masked sum of squares
+# (linalg.strict_lower_sq_sum, a lax.cond on all(isfinite)).
+ONE_BOOLEAN = {"lowrank_full_shared", "full_diag_prior"}
 
 CHILD = textwrap.dedent(
     r"""
@@ -157,8 +159,8 @@ def test_sharded_kl_equals_single_device_and_dense_reference(child, name):
     np.testing.assert_allclose(sharded, single, rtol=1e-12, atol=0)
     np.testing.assert_allclose(sharded, reference[name], rtol=1e-10, atol=0)
     # each device computes its own block of the batch from its rows of p and a copy of q: no
-    # collective of any kind (one boolean for a mixed pair), nothing of the global batch size
-    if name in MIXED:
+    # collective of any kind (but one boolean, ONE_BOOLEAN), nothing of the global batch size
+    if name in ONE_BOOLEAN:
         assert got["collectives"] == ["all-reduce"], got["collectives"]
         assert got["all_reduce_types"] == ["pred[]"], got["all_reduce_types"]
     else:
