@@ -149,20 +149,48 @@ def _tril_sq_sum(m: Array) -> Array:
     return jnp.sum(jnp.square(jnp.tril(m, -1)), axis=(-2, -1))
 
 
+# Up to this K ``strict_lower_sq_sum`` is a masked product, above it a sum by row blocks.
+_MASKED_MAX_K = 128
+_ROW_BLOCKS = 16
+
+
+def _row_block_sq_sum(m: Array) -> Array:
+    """``Σ_{i>j} m_ij²`` by ``_ROW_BLOCKS`` blocks of rows: the part of a block left of its
+    diagonal block is summed whole, and only the diagonal block goes through ``jnp.tril``, so
+    only the lower triangle is read and the upper one never reaches the sum. Cost: O(K²)."""
+    k = m.shape[-1]
+    rows = -(-k // _ROW_BLOCKS)
+    total = _tril_sq_sum(m[..., :rows, :rows])
+    for lo in range(rows, k, rows):
+        hi = min(lo + rows, k)
+        total = total + jnp.sum(jnp.square(m[..., lo:hi, :lo]), axis=(-2, -1))
+        total = total + _tril_sq_sum(m[..., lo:hi, lo:hi])
+    return total
+
+
 @jax.custom_jvp
 def strict_lower_sq_sum(m: Array) -> Array:
     """``Σ_{i>j} m_ij²`` over the last two axes, whatever the upper triangle holds. Cost: O(K²).
 
-    The squares of ``m`` times a 0/1 mask (``_masked_sq_sum``): XLA's CPU loops vectorize a
-    product but not the select that ``jnp.tril`` lowers to, which takes about twice as long over
-    a batch (K = 128, B = 100, float32: 0.30 against 0.6–0.7 ms alone; full against N(0, I) in
-    ``benchmarks/kl_speed.py``, 1.0 → 0.5 ms forward). The product lets 0 · inf or 0 · NaN from
-    the upper triangle into the sum, so where the sum of some batch element is not finite it is
-    recomputed with ``jnp.tril``: a ``lax.cond`` on one boolean for the whole batch (the second
-    pass runs only then, or always under a ``vmap`` that batches ``m``; a batch sharded across
-    devices all-reduces that boolean). The derivative, 2 Σ_{i>j} m_ij dm_ij, is one pass
-    through ``jnp.tril`` (a ``lax.cond`` there as well made the gradient slower, 0.78 → 1.3 ms).
+    ``jnp.tril`` lowers to a select, which XLA's CPU loops do not vectorize; instead, measured
+    against it alone (float32, ms):
+
+    - up to K = 128, the squares of ``m`` times a 0/1 mask (``_masked_sq_sum``): K = 32,
+      B = 4000: 0.55 against 1.2; K = 128, B = 100: 0.31 against 0.62 (full against N(0, I) in
+      ``benchmarks/kl_speed.py``: 1.0 → 0.5 ms forward). The product lets 0 · inf or 0 · NaN
+      from the upper triangle into the sum, so where the sum of some batch element is not
+      finite it is recomputed with ``jnp.tril``: a ``lax.cond`` on one boolean for the whole
+      batch (the second pass runs only then, or always under a ``vmap`` that batches ``m``; a
+      batch sharded across devices all-reduces that boolean);
+    - above, where the product is slower than the select (K = 512, B = 32: 3.8 against 2.6), by
+      row blocks (``_row_block_sq_sum``): K = 256, B = 16: 0.36 against 0.48; K = 512, B = 32:
+      1.46 against 2.6; K = 2048, B = 1: 0.75 against 1.1.
+
+    The derivative, 2 Σ_{i>j} m_ij dm_ij, is one pass through ``jnp.tril`` (a ``lax.cond`` there
+    as well made the gradient slower, 0.78 → 1.3 ms).
     """
+    if m.shape[-1] > _MASKED_MAX_K:
+        return _row_block_sq_sum(m)
     fast = _masked_sq_sum(m)
     return lax.cond(jnp.all(jnp.isfinite(fast)), lambda m: fast, _tril_sq_sum, m)
 

@@ -443,19 +443,21 @@ def test_validation_raises_numpyros_error(structure):
                     build(structure, params)
 
 
-@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
-def test_non_finite_upper_triangle_is_ignored_with_its_gradient(value):
-    """A NaN or ±inf above the diagonal of p's ``scale_tril`` (KL against a diagonal q, where the
-    triangle's sum of squares is a product with a 0/1 mask, 0 · inf = NaN, with a fallback):
-    the KL is the dense reference, the gradient's lower triangle is dKL/dL = tril(Σq⁻¹L − L⁻ᵀ)
-    and its upper triangle exactly zero; eagerly, under jit and under a vmap over the batch
-    (which evaluates both branches)."""
-    rng = rng_for("non-finite upper", str(value))
-    k, b = 5, 3
+@pytest.mark.parametrize(
+    ("k", "value"), [(5, np.nan), (5, np.inf), (5, -np.inf), (150, np.nan), (150, np.inf)]
+)
+def test_non_finite_upper_triangle_is_ignored_with_its_gradient(k, value):
+    """A NaN or ±inf above the diagonal of p's ``scale_tril`` (KL against a diagonal q, whose
+    triangle's sum of squares is, at K = 5, a product with a 0/1 mask, 0 · inf = NaN, with a
+    fallback, and at K = 150 a sum by blocks of rows): the KL is the dense reference, the
+    gradient's lower triangle is dKL/dL = tril(Σq⁻¹L − L⁻ᵀ) and its upper triangle exactly zero;
+    eagerly, under jit and under a vmap over the batch (which evaluates both branches)."""
+    rng = rng_for("non-finite upper", k, str(value))
+    b = 3
     lp = random_tril(rng, k, (b,))
     mp, mq, s = rng.normal(size=(b, k)), rng.normal(size=k), np.exp(rng.uniform(-0.5, 0.5, k))
     bad = lp.copy()
-    bad[1, 0, 3] = value
+    bad[1, 0, 3] = bad[2, k - 2, k - 1] = value
     want = dense_kl(mp, lp @ np.swapaxes(lp, -1, -2), mq, np.diag(s**2))
     want_grad = np.tril(lp / s[:, None] ** 2 - np.swapaxes(np.linalg.inv(lp), -1, -2))
 
