@@ -172,22 +172,22 @@ def _row_block_sq_sum(m: Array) -> Array:
 def strict_lower_sq_sum(m: Array) -> Array:
     """``Σ_{i>j} m_ij²`` over the last two axes, whatever the upper triangle holds. Cost: O(K²).
 
-    ``jnp.tril`` lowers to a select, which XLA's CPU loops do not vectorize; instead, measured
-    against it alone (float32, ms):
+    ``jnp.tril`` lowers to a select, which XLA's CPU loops do not vectorize; instead
+    (``benchmarks/triangle_sums.py``, float32, against ``jnp.tril``):
 
-    - up to K = 128, the squares of ``m`` times a 0/1 mask (``_masked_sq_sum``): K = 32,
-      B = 4000: 0.55 against 1.2; K = 128, B = 100: 0.31 against 0.62 (full against N(0, I) in
-      ``benchmarks/kl_speed.py``: 1.0 → 0.5 ms forward). The product lets 0 · inf or 0 · NaN
+    - up to K = 128, the squares of ``m`` times a 0/1 mask (``_masked_sq_sum``): 2.3× faster at
+      K = 8, 3.5× at K = 32, 1.8× at K = 128 with B = 100 (full against N(0, I) in
+      ``benchmarks/kl_speed.py``: 0.96 → 0.50 ms forward). The product lets 0 · inf or 0 · NaN
       from the upper triangle into the sum, so where the sum of some batch element is not
       finite it is recomputed with ``jnp.tril``: a ``lax.cond`` on one boolean for the whole
       batch (the second pass runs only then, or always under a ``vmap`` that batches ``m``; a
       batch sharded across devices all-reduces that boolean);
-    - above, where the product is slower than the select (K = 512, B = 32: 3.8 against 2.6), by
-      row blocks (``_row_block_sq_sum``): K = 256, B = 16: 0.36 against 0.48; K = 512, B = 32:
-      1.46 against 2.6; K = 2048, B = 1: 0.75 against 1.1.
+    - above, where the masked product loses its lead (K = 256: 1.04×; K = 2048, B = 1: 0.98×),
+      by row blocks (``_row_block_sq_sum``): 1.2× at K = 256, 3.3× at K = 512 with B = 32,
+      1.7× at K = 2048.
 
     The derivative, 2 Σ_{i>j} m_ij dm_ij, is one pass through ``jnp.tril`` (a ``lax.cond`` there
-    as well made the gradient slower, 0.78 → 1.3 ms).
+    as well made the gradient slower: full against N(0, I), K = 128, 0.78 → 1.3 ms).
     """
     if m.shape[-1] > _MASKED_MAX_K:
         return _row_block_sq_sum(m)
