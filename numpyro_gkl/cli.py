@@ -112,13 +112,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     p_report.add_argument("--out", type=Path, default=Path("gkl-report"), help="output folder")
     p_report.add_argument("--quick", action="store_true", help="fewer models, draws and steps")
+    p_report.add_argument(
+        "--models",
+        type=lambda text: [name for name in text.split(",") if name],
+        default=None,
+        metavar="NAME[,NAME...]",
+        help="run only these models of the suite (the names the report's tables show)",
+    )
     args = parser.parse_args(argv)
     if args.command == "demo":
         demo(args.dim, args.eps, args.seed)
     elif args.command == "report":
         from numpyro_gkl.report import build_report
 
-        path = build_report(args.out, quick=args.quick)
+        path = build_report(args.out, quick=args.quick, models=args.models)
         print(f"wrote {path}")
 
 

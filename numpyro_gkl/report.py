@@ -294,11 +294,27 @@ img { max-width: 100%; border: 1px solid #eee; margin: 0.5em 0; }
 """
 
 
-def build_report(out: Path, quick: bool = False) -> Path:
-    """Run the suite, write ``out/report.html`` and ``out/figures/*.png``; return the page path."""
+def choose_problems(quick: bool, models: list[str] | None = None) -> list:
+    """The suite's problems named in ``models`` (in the suite's order), or by default all of them
+    (``QUICK_PROBLEMS`` with ``quick``); a ``ValueError`` names any unknown model."""
+    suite = problems()
+    if models is None:
+        return [p for p in suite if not quick or p.name in QUICK_PROBLEMS]
+    unknown = sorted(set(models) - {p.name for p in suite})
+    if unknown:
+        names = ", ".join(p.name for p in suite)
+        raise ValueError(
+            f"numpyro-gkl report: unknown model(s) {', '.join(unknown)}; the suite has {names}"
+        )
+    return [p for p in suite if p.name in models]
+
+
+def build_report(out: Path, quick: bool = False, models: list[str] | None = None) -> Path:
+    """Run the suite (or the problems named in ``models``), write ``out/report.html`` and
+    ``out/figures/*.png``; return the page path."""
+    chosen = choose_problems(quick, models)
     figures = out / "figures"
     figures.mkdir(parents=True, exist_ok=True)
-    chosen = [p for p in problems() if not quick or p.name in QUICK_PROBLEMS]
     results = run_problems(chosen, quick)
     variance_figure(results, figures / "variance_ratios.png")
     sections = []
@@ -366,7 +382,7 @@ def example_main(names: list[str], argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("docs/examples/figures"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    chosen = [p for p in problems() if p.name in names]
+    chosen = choose_problems(args.quick, names)
     results = run_problems(chosen, args.quick)
     stem = names[0] if len(names) == 1 else chosen[0].name.rsplit("_", 2)[0]
     variance_figure(results, args.out / f"variance_{stem}.png")

@@ -1,4 +1,5 @@
-"""``numpyro-gkl report --quick``: every table and figure is in the page, every figure is an image.
+"""``numpyro-gkl report --quick --models …``: every table and figure is in the page, every figure
+is an image; the quick suite's other models, run through the estimators.
 
 Also the diagnostics it is built from: ArviZ data with the estimator as a coordinate, the
 variance ratio against a direct NumPy computation, SVI seeds as chains.
@@ -21,7 +22,8 @@ from numpyro.infer.autoguide import AutoNormal
 
 from numpyro_gkl import diagnostics as dg
 from numpyro_gkl.models import eight_schools_noncentered, linear_regression, make_regression_data
-from numpyro_gkl.report import QUICK_PROBLEMS
+from numpyro_gkl.report import QUICK_PROBLEMS, choose_problems
+from numpyro_gkl.suite import problems
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -51,11 +53,20 @@ class _Page(HTMLParser):
             self.headers.append(data)
 
 
+# The report's models, one of each kind of page section: an exact reference, a NUTS reference
+# (and an auto guide), none. The quick suite's other models are run by
+# test_other_quick_models_estimators_agree, which costs a third of their report sections.
+REPORT_MODELS = ("linear_regression", "eight_schools_noncentered_AutoNormal", "sparse_gp")
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("report")
     subprocess.run(
-        [sys.executable, "-m", "numpyro_gkl", "report", "--quick", "--out", str(out)],
+        [
+            *(sys.executable, "-m", "numpyro_gkl", "report", "--quick", "--out", str(out)),
+            *("--models", ",".join(REPORT_MODELS)),
+        ],
         check=True,
         timeout=900,
         capture_output=True,
@@ -66,9 +77,9 @@ def report(tmp_path_factory) -> Path:
 def test_report_has_every_table_and_figure(report):
     page = _Page()
     page.feed((report / "report.html").read_text())
-    with_reference = [n for n in QUICK_PROBLEMS if n not in ("sparse_gp", "vae")]
+    with_reference = [n for n in REPORT_MODELS if n != "sparse_gp"]
     expected = {"figures/variance_ratios.png"}
-    expected |= {f"figures/elbo_{n}.png" for n in QUICK_PROBLEMS}
+    expected |= {f"figures/elbo_{n}.png" for n in REPORT_MODELS}
     expected |= {f"figures/forest_{n}.png" for n in with_reference}
     assert set(page.images) == expected
     # ratio table, one ArviZ summary per model with a reference, the speed table
@@ -87,9 +98,38 @@ def test_report_has_every_table_and_figure(report):
 def test_report_ratios_are_numbers_with_intervals(report):
     text = (report / "report.html").read_text()
     cells = re.findall(r"<td>(\d+\.\d\d) \[(\d+\.\d\d), (\d+\.\d\d)\]</td>", text)
-    assert len(cells) == 4 * len(QUICK_PROBLEMS)
+    assert len(cells) == 4 * len(REPORT_MODELS)
     for mid, low, high in cells:
         assert float(low) <= float(mid) <= float(high)
+
+
+def test_report_unknown_model_is_named():
+    with pytest.raises(ValueError, match=r"unknown model.*no_such_model.*linear_regression"):
+        choose_problems(True, ["linear_regression", "no_such_model"])
+
+
+@pytest.mark.parametrize("name", [n for n in QUICK_PROBLEMS if n not in REPORT_MODELS])
+def test_other_quick_models_estimators_agree(name):
+    """The quick suite's models that the report test leaves out, on their quick data: at the
+    guide's initialization the closed-form and adaptive estimators' mean loss agrees with the
+    sampled one (``Trace_ELBO``'s Monte Carlo estimate) within 5 standard errors."""
+    problem = next(p for p in problems() if p.name == name)
+    args, kwargs = problem.data(True)
+    guide = problem.make_guide(problem.model)
+    n = 100
+    (data,) = dg.gradient_draws_at(
+        problem.model, guide, *args, params=[None], num_draws=n, **kwargs
+    )
+    loss = data["posterior"]["loss"]
+    sampled = np.asarray(loss.sel(estimator="sampled")).ravel()
+    for estimator in ("analytic", "adaptive"):
+        other = np.asarray(loss.sel(estimator=estimator)).ravel()
+        se = np.sqrt(sampled.var(ddof=1) / n + other.var(ddof=1) / n)
+        assert abs(other.mean() - sampled.mean()) < 5 * se, (
+            estimator,
+            other.mean(),
+            sampled.mean(),
+        )
 
 
 # -- the diagnostics -------------------------------------------------------------------------
