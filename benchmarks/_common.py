@@ -189,3 +189,29 @@ def measure_rates(dtype: str, copy_mib: int = 128, gemm_n: int = 1024, repeats: 
     t_copy = _median_s(copy, repeats)
     t_gemm = _median_s(matmul, repeats)
     return Rates(dtype, 2 * nbytes / t_copy / 1e9, 2 * gemm_n**3 / t_gemm / 1e9)
+
+
+def inner_calls(call: Callable[[], None], seconds: float = 0.02) -> int:
+    """How many back-to-back calls of ``call`` (already compiled and warm) fill about ``seconds``,
+    between 1 and 100: one timing sample averages that many, so that fast calls are not
+    timer-sized."""
+    start = time.perf_counter()
+    call()
+    return max(1, min(100, int(seconds / max(time.perf_counter() - start, 1e-6))))
+
+
+def rotated_medians(
+    calls: dict[str, Callable[[], None]], inner: dict[str, int], rounds: int
+) -> dict[str, float]:
+    """Median ms per call of every entry of ``calls``: each round calls each in turn (``inner``
+    times back to back, averaged), in an order rotated every round, so that a slow stretch of
+    the machine hits all of them alike."""
+    samples: dict[str, list[float]] = {n: [] for n in calls}
+    order = list(calls)
+    for r in range(rounds):
+        for name in order[r % len(order) :] + order[: r % len(order)]:
+            start = time.perf_counter()
+            for _ in range(inner[name]):
+                calls[name]()
+            samples[name].append((time.perf_counter() - start) / inner[name] * 1e3)
+    return {n: statistics.median(v) for n, v in samples.items()}

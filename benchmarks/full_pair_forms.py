@@ -30,12 +30,10 @@ form in turn, in an order rotated every round; ratios are upstream / form (above
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
-from _common import machine_line, render_table
+from _common import inner_calls, machine_line, render_table, rotated_medians
 
 CELLS = (
     (8, 10_000, True),
@@ -151,23 +149,13 @@ def time_cell(k: int, b: int, shared: bool, mode: str, rounds: int) -> dict[str,
             fn = jax.jit(jax.value_and_grad(lambda *a, f=form: jnp.sum(f(*a)), argnums=(0, 1)))
         out = jax.block_until_ready(fn(*args))
         jax.block_until_ready(fn(*args))
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        inner[name] = max(1, min(100, int(0.02 / max(time.perf_counter() - start, 1e-6))))
         value = np.asarray(out if mode == "fwd" else out[0], np.float64)
         ref = value if ref is None else ref
         if not np.allclose(value, ref, rtol=1e-3):
             raise AssertionError(f"{name} disagrees with upstream on K={k}")
         calls[name] = lambda fn=fn: jax.block_until_ready(fn(*args))
-    samples: dict[str, list[float]] = {n: [] for n in calls}
-    order = list(calls)
-    for r in range(rounds):
-        for name in order[r % len(order) :] + order[: r % len(order)]:
-            start = time.perf_counter()
-            for _ in range(inner[name]):
-                calls[name]()
-            samples[name].append((time.perf_counter() - start) / inner[name] * 1e3)
-    return {n: statistics.median(v) for n, v in samples.items()}
+        inner[name] = inner_calls(calls[name])
+    return rotated_medians(calls, inner, rounds)
 
 
 def main() -> None:

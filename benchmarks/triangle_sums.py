@@ -24,12 +24,10 @@ against ``tril``'s. Ratios are tril / form (above 1: faster).
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from collections.abc import Callable
 
 import numpy as np
-from _common import machine_line, render_table
+from _common import inner_calls, machine_line, render_table, rotated_medians
 
 CELLS = ((8, 10_000), (32, 4_000), (128, 100), (128, 400), (256, 16), (512, 32), (2048, 1))
 FORMS = ("tril", "masked", "row blocks", "shipped", "all entries")
@@ -61,19 +59,9 @@ def time_cell(k: int, b: int, rounds: int) -> dict[str, float]:
         ref = value if ref is None else ref
         if name != "all entries" and not np.allclose(value, ref, rtol=1e-4):
             raise AssertionError(f"{name} disagrees with tril at K={k}")
-        start = time.perf_counter()
-        jax.block_until_ready(fn(m))
-        inner[name] = max(1, min(100, int(0.02 / max(time.perf_counter() - start, 1e-6))))
         calls[name] = lambda fn=fn: jax.block_until_ready(fn(m))
-    samples: dict[str, list[float]] = {n: [] for n in calls}
-    order = list(calls)
-    for r in range(rounds):
-        for name in order[r % len(order) :] + order[: r % len(order)]:
-            start = time.perf_counter()
-            for _ in range(inner[name]):
-                calls[name]()
-            samples[name].append((time.perf_counter() - start) / inner[name] * 1e3)
-    return {n: statistics.median(v) for n, v in samples.items()}
+        inner[name] = inner_calls(calls[name])
+    return rotated_medians(calls, inner, rounds)
 
 
 def main() -> None:

@@ -173,17 +173,18 @@ def strict_lower_sq_sum(m: Array) -> Array:
     """``Σ_{i>j} m_ij²`` over the last two axes, whatever the upper triangle holds. Cost: O(K²).
 
     ``jnp.tril`` lowers to a select, which XLA's CPU loops do not vectorize; instead
-    (``benchmarks/triangle_sums.py``, float32, against ``jnp.tril``):
+    (``benchmarks/triangle_sums.py``, float32, against ``jnp.tril``, the table in
+    docs/performance.md):
 
     - up to K = 128, the squares of ``m`` times a 0/1 mask (``_masked_sq_sum``): 2.3× faster at
-      K = 8, 3.5× at K = 32, 1.8× at K = 128 with B = 100 (full against N(0, I) in
+      K = 8, 3.4× at K = 32, 2.2× at K = 128 with B = 100 (full against N(0, I) in
       ``benchmarks/kl_speed.py``: 0.96 → 0.50 ms forward). The product lets 0 · inf or 0 · NaN
       from the upper triangle into the sum, so where the sum of some batch element is not
       finite it is recomputed with ``jnp.tril``: a ``lax.cond`` on one boolean for the whole
       batch (the second pass runs only then, or always under a ``vmap`` that batches ``m``; a
       batch sharded across devices all-reduces that boolean);
-    - above, where the masked product loses its lead (K = 256: 1.04×; K = 2048, B = 1: 0.98×),
-      by row blocks (``_row_block_sq_sum``): 1.2× at K = 256, 3.3× at K = 512 with B = 32,
+    - above, where the masked product loses its lead (K = 256: 1.05×; K = 2048, B = 1: 1.08×),
+      by row blocks (``_row_block_sq_sum``): 1.15× at K = 256, 4.3× at K = 512 with B = 32,
       1.7× at K = 2048.
 
     The derivative, 2 Σ_{i>j} m_ij dm_ij, is one pass through ``jnp.tril`` (a ``lax.cond`` there
