@@ -6,7 +6,9 @@ Run from the repository root::
 
 Every cell times KL(p‖q) for a batch of B guides p against a prior q that is either shared
 (q batch ``()``) or one per guide (q batch ``(B,)``), in two modes: ``fwd`` (the KL values) and
-``fwd+grad`` (the sum of the KL and its gradient with respect to p's parameters). JAX code runs
+``fwd+grad`` (the sum of the KL and its gradient with respect to p's parameters); ``--grad-q``
+times instead ``fwd+grad p,q``, the gradient with respect to q's parameters as well (a learned
+prior), in the cells whose q is full. JAX code runs
 under ``jax.jit`` (compiled and warmed up first, ``block_until_ready`` after every call); PyTorch
 runs eagerly with two threads and ``backward``-style gradients via ``torch.autograd.grad``.
 
@@ -82,6 +84,9 @@ STRUCTURE_SIZES_FULL = {128: 100, 2048: 1}
 STRUCTURE_SIZES_QUICK = {128: 100}
 LOW_RANK = 8
 MODES = ("fwd", "fwd+grad")
+# With ``--grad-q``: the gradient with respect to q's parameters as well (a prior that is learned);
+# only the cells whose q has parameters (full q).
+GRAD_PQ = "fwd+grad p,q"
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,6 +174,8 @@ def cell_bytes(cell: Cell, inputs: Inputs) -> tuple[int, int]:
     read = p_bytes + sum(x.nbytes for x in inputs.q)
     item = inputs.p[0].itemsize
     written = cell.batch * item if cell.mode == "fwd" else p_bytes + item
+    if cell.mode == GRAD_PQ:
+        written += sum(x.nbytes for x in inputs.q)
     return read, written
 
 
@@ -189,7 +196,7 @@ def cell_flops(cell: Cell) -> float:
     - lowrank (rank r) vs N(0, I): B·(K r² + r³/3 + 4K r): the Gram matrix WᵀW (symmetric),
       its Cholesky and the traces.
 
-    The q-only part is not doubled with gradients (they are taken with respect to p only).
+    The q-only part is doubled only with ``fwd+grad p,q`` (gradients with respect to q too).
     """
     k, b, r = cell.k, cell.batch, cell.rank
     tri = k**3 / 3
@@ -205,7 +212,7 @@ def cell_flops(cell: Cell) -> float:
         per = k**2 + 4 * k
     else:
         per = k * r**2 + r**3 / 3 + 4 * k * r
-    return once + b * per * (1 if cell.mode == "fwd" else 2)
+    return once * (2 if cell.mode == GRAD_PQ else 1) + b * per * (1 if cell.mode == "fwd" else 2)
 
 
 def cell_limit_ms(cell: Cell, result: Result, rates: Rates) -> float:
@@ -353,7 +360,8 @@ def _jax_runner(
             return np.asarray(out)
 
     else:
-        fn = jax.jit(jax.value_and_grad(lambda p, q: jnp.sum(kl(p, q))))
+        argnums = (0, 1) if mode == GRAD_PQ else 0
+        fn = jax.jit(jax.value_and_grad(lambda p, q: jnp.sum(kl(p, q)), argnums))
 
         def value(out: Any) -> np.ndarray:
             return np.asarray(out[0])
@@ -394,7 +402,7 @@ def _torch_runner(
     builders["stdvec"] = builders["std"]
     grad = mode != "fwd"
     pp = tuple(torch.from_numpy(x).requires_grad_(grad) for x in inputs.p)
-    qp = tuple(torch.from_numpy(x) for x in inputs.q)
+    qp = tuple(torch.from_numpy(x).requires_grad_(mode == GRAD_PQ) for x in inputs.q)
 
     def kl() -> Any:
         return kl_divergence(builders[cell.p_kind](*pp), builders[cell.q_kind](*qp))
@@ -410,7 +418,7 @@ def _torch_runner(
     def call_grad() -> Any:
         out = kl()
         total = out.sum()
-        grads = torch.autograd.grad(total, pp)
+        grads = torch.autograd.grad(total, pp + qp if mode == GRAD_PQ else pp)
         return total.detach(), grads
 
     return call_grad, lambda out: out[0].numpy(), lambda: None
@@ -676,12 +684,13 @@ def available_peers() -> tuple[list[str], list[str]]:
     return ok, notes
 
 
-def build_cells(quick: bool) -> list[Cell]:
-    """The grid of full-vs-full cells (q shared and not) plus the structure rows, both modes."""
+def build_cells(quick: bool, grad_q: bool = False) -> list[Cell]:
+    """The grid of full-vs-full cells (q shared and not) plus the structure rows, both modes;
+    with ``grad_q`` only the cells with a full q, in mode ``GRAD_PQ``."""
     grid = QUICK_GRID if quick else FULL_GRID
     structure = STRUCTURE_SIZES_QUICK if quick else STRUCTURE_SIZES_FULL
     cells = []
-    for mode in MODES:
+    for mode in (GRAD_PQ,) if grad_q else MODES:
         for shared in (True, False):
             if quick and not shared:
                 continue
@@ -693,7 +702,12 @@ def build_cells(quick: bool) -> list[Cell]:
                 Cell("full", "stdvec", k, b, True, mode),
                 Cell("lowrank", "std", k, b, True, mode),
             ]
-    return cells
+    return [c for c in cells if c.q_kind == "full"] if grad_q else cells
+
+
+def cell_modes(cells: Sequence[Cell]) -> list[str]:
+    """The modes of ``cells``, in order of appearance."""
+    return list(dict.fromkeys(c.mode for c in cells))
 
 
 def _fmt_ms(ms: float | None) -> str:
@@ -777,7 +791,7 @@ def target_lines(
     lines = []
     for name, check in checks.items():
         parts, misses = [], []
-        for mode in MODES:
+        for mode in cell_modes(cells):
             outcomes = [
                 (c, check(c, r)) for c, r in zip(cells, results, strict=True) if c.mode == mode
             ]
@@ -818,9 +832,11 @@ def plot_vs_k(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(MODES), figsize=(11, 4.2), sharey=True)
+    modes = cell_modes(cells)
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 4.2), sharey=True)
+    axes = np.atleast_1d(axes)
     colors = dict(zip(impls, plt.rcParams["axes.prop_cycle"].by_key()["color"], strict=False))
-    for ax, mode in zip(axes, MODES, strict=True):
+    for ax, mode in zip(axes, modes, strict=True):
         for shared, style in ((True, "-"), (False, "--")):
             sel = [
                 (c, r)
@@ -874,6 +890,8 @@ def geomean_lines(cells: Sequence[Cell], results: Sequence[Result]) -> list[str]
             groups.setdefault(key, []).append(r)
     lines = []
     for key, values in groups.items():
+        if not values:  # upstream not among --impls
+            continue
         gm = math.exp(statistics.fmean(math.log(v) for v in values))
         lines.append(
             f"Geometric-mean speed-up over upstream NumPyro ({key}, {len(values)}): {gm:.2f}×"
@@ -927,6 +945,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         help="time only these implementations (comma-separated, e.g. ours,TFP); all by default",
     )
+    parser.add_argument(
+        "--grad-q",
+        action="store_true",
+        help="time the gradient with respect to q's parameters too (cells with a full q only)",
+    )
     parser.add_argument("--plot", default=None, help="write the time-against-K figure here")
     parser.add_argument("--json", default=None, help="save the run as JSON here")
     parser.add_argument("--load", default=None, help="render a run saved with --json; time nothing")
@@ -945,7 +968,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         peers = [p for p in peers if p in wanted]
     budget = args.budget if args.budget is not None else (0.4 if args.quick else 1.5)
     min_rounds = 3 if args.quick else 5
-    cells = build_cells(args.quick)
+    cells = build_cells(args.quick, args.grad_q)
     if args.only is not None:
         cells = [c for c in cells if args.only in f"{c.pair} K={c.k}"]
     results = []

@@ -284,6 +284,7 @@ def _leaf_inverse(tril: Array) -> Array:
     return jnp.stack(rows, -2)
 
 
+@jax.custom_jvp
 def tril_inverse(tril: Array) -> Array:
     """L⁻¹ for lower-triangular L (… × K × K; the upper triangle is ignored), by blocks.
 
@@ -319,6 +320,18 @@ def tril_inverse(tril: Array) -> Array:
         )
         s *= 2
     return inv[..., 0, :k, :k]
+
+
+@tril_inverse.defjvp
+@highest_precision
+def _tril_inverse_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
+    """d(L⁻¹) = −L⁻¹ tril(dL) L⁻¹: two matmuls, linear in dL, so reverse mode is two more,
+    X̄ ↦ −tril(L⁻ᵀ X̄ L⁻ᵀ), and every order of derivative goes through this rule again.
+    Autodiff through the blocks transposed the unrolled leaf inverses into many small
+    operations (K = 32, a batch of 1000: 21 ms for one pullback, against 1.3 ms forward)."""
+    (tril,), (d_tril,) = primals, tangents
+    inv = tril_inverse(tril)
+    return inv, -(inv @ (jnp.tril(d_tril) @ inv))
 
 
 # Triangles of at most this size are solved by ``tril_inverse`` and one product.
