@@ -19,7 +19,8 @@ Paths, chosen from static shapes (jit-friendly):
 - with a factor shared by the batch, Lq⁻¹ once by blocks (``linalg.tril_inverse``), then a
   blocked triangular product per element (``linalg.sq_sum_of_product``, a third of the dense
   flops), differentiated through the dense one up to K = 64.
-  Both by autodiff, with the diagonal's derivative as a mask (``linalg.diagonal``).
+  Both by autodiff, with the diagonal's derivative as a mask (``linalg.diagonal``) and the
+  inverse's own rule, d(L⁻¹) = −L⁻¹ tril(dL) L⁻¹ (``linalg.tril_inverse``).
 
 The hand-written derivative, from dY = Lq⁻¹(dD − tril(dLq) Y) and dz = Lq⁻¹(dδ − tril(dLq) z),
 with S = tril(Y, −1), G = 2 Lq⁻ᵀS and w = 2 Lq⁻ᵀz,
