@@ -18,7 +18,7 @@ Paths, chosen from static shapes (jit-friendly):
   64 by ``tril_inverse`` and a product; 4K³/7 flops, all in matmuls, Y never assembled);
 - with a factor shared by the batch, Lq⁻¹ once by blocks (``linalg.tril_inverse``), then a
   blocked triangular product per element (``linalg.sq_sum_of_product``, a third of the dense
-  flops), differentiated through the dense one up to K = 64.
+  flops), differentiated through the product by blocks of 64 (dense up to K = 64).
   Both by autodiff, with the diagonal's derivative as a mask (``linalg.diagonal``) and the
   inverse's own rule, d(L⁻¹) = −L⁻¹ tril(dL) L⁻¹ (``linalg.tril_inverse``).
 
@@ -51,7 +51,6 @@ from numpyro_gkl.linalg import (
     event_sum,
     highest_precision,
     is_shared,
-    product_transposed,
     scale_ratio_term,
     solve_sq_sums,
     solve_sq_sums_unrolled,
@@ -61,11 +60,12 @@ from numpyro_gkl.linalg import (
     x_minus_log1p,
 )
 
-# Up to this K the derivative of ‖Lq⁻¹D‖²_F with a shared Lq⁻¹ is taken through the dense
-# product (K³ flops, two GEMMs over the batch), above it through the blocked one (K³/3 flops in
-# more, smaller matmuls); benchmarks/full_pair_forms.py, upstream/ours fwd / fwd+grad, blocked
-# against dense: K = 32 1.34 / 0.83× against 1.21 / 0.95×, K = 128 1.83 / 1.17× against
-# 1.19 / 1.03×.
+# With a shared Lq⁻¹ the derivative of ‖Lq⁻¹D‖²_F is taken through the product by blocks with
+# leaves of this size: up to K = 64 the dense product (two GEMMs over the batch;
+# benchmarks/full_pair_forms.py, upstream/ours fwd / fwd+grad at K = 32, blocked forward with the
+# dense derivative against blocked both ways: 1.21 / 0.95× against 1.34 / 0.83×), above it the
+# blocked one with dense leaves of 64, not the forward's leaves of 8, whose derivative's many
+# small matmuls were slower (kl_speed.py, K = 512 with a shared q: docs/performance.md).
 _DENSE_MAX_K_SHARED = 64
 
 
@@ -118,31 +118,28 @@ def _twice_kl_by_blocks(lp: Array, lq: Array, delta: Array, shared: bool) -> Arr
         )
         return y_sq + diag + z_sq
     lq_inv = tril_inverse(lq)
-    if k > _DENSE_MAX_K_SHARED:
-        y_sq = sq_sum_of_product(lq_inv, diff)
-    else:
-        y_sq = _sq_sum_blocked_dense_derivative(lq_inv, diff)
+    y_sq = _sq_sum_coarse_derivative(lq_inv, diff)
     z = (lq_inv @ delta[..., None])[..., 0]
     return y_sq + diag + event_sum(jnp.square(z))
 
 
 @highest_precision
-def _sq_sum_dense(lq_inv: Array, diff: Array) -> Array:
-    """‖Lq⁻¹D‖²_F by one dense product (formed transposed: one GEMM for a shared Lq⁻¹)."""
-    return jnp.sum(jnp.square(product_transposed(lq_inv, diff)), (-2, -1))
+def _sq_sum_coarse(lq_inv: Array, diff: Array) -> Array:
+    """‖Lq⁻¹D‖²_F by blocks with dense leaves of ``_DENSE_MAX_K_SHARED`` (one dense product,
+    formed transposed, up to that K: one GEMM for a shared Lq⁻¹)."""
+    return sq_sum_of_product(lq_inv, diff, _DENSE_MAX_K_SHARED)
 
 
 @jax.custom_jvp
-def _sq_sum_blocked_dense_derivative(lq_inv: Array, diff: Array) -> Array:
-    """‖Lq⁻¹D‖²_F by the blocked product (a third of the flops), differentiated through the
-    dense one: with a shared Lq⁻¹ the blocked forward is faster, and the dense derivative (two
-    GEMMs over the batch) beats the blocked one's many small matmuls
-    (``benchmarks/full_pair_forms.py``, K = 32)."""
+def _sq_sum_coarse_derivative(lq_inv: Array, diff: Array) -> Array:
+    """‖Lq⁻¹D‖²_F by the blocked product (leaves of 8, a third of the dense flops),
+    differentiated through ``_sq_sum_coarse``: with a shared Lq⁻¹ the fine blocks give the
+    faster forward, the coarse ones (GEMMs over the batch) the faster derivative."""
     return sq_sum_of_product(lq_inv, diff)
 
 
-_sq_sum_blocked_dense_derivative.defjvp(
-    lambda primals, tangents: jax.jvp(_sq_sum_dense, primals, tangents)
+_sq_sum_coarse_derivative.defjvp(
+    lambda primals, tangents: jax.jvp(_sq_sum_coarse, primals, tangents)
 )
 
 

@@ -214,7 +214,7 @@ def product_transposed(a: Array, b: Array) -> Array:
     return jnp.einsum("...ji,...kj->...ik", b, a)
 
 
-def sq_sum_of_product(a: Array, b: Array) -> Array:
+def sq_sum_of_product(a: Array, b: Array, leaf: int = _PRODUCT_LEAF) -> Array:
     """``‖AB‖²_F`` for lower-triangular A and B (… × K × K, batch shapes broadcast) whose upper
     triangles are zero.
 
@@ -225,13 +225,13 @@ def sq_sum_of_product(a: Array, b: Array) -> Array:
     blocks are formed transposed (``product_transposed``), which leaves the sums unchanged.
     """
     k = a.shape[-1]
-    if k <= _PRODUCT_LEAF:
+    if k <= leaf:
         return jnp.sum(jnp.square(product_transposed(a, b)), axis=(-2, -1))
     h = k // 2
     off = product_transposed(a[..., h:, :], b[..., :, :h])
     return (
-        sq_sum_of_product(a[..., :h, :h], b[..., :h, :h])
-        + sq_sum_of_product(a[..., h:, h:], b[..., h:, h:])
+        sq_sum_of_product(a[..., :h, :h], b[..., :h, :h], leaf)
+        + sq_sum_of_product(a[..., h:, h:], b[..., h:, h:], leaf)
         + jnp.sum(jnp.square(off), axis=(-2, -1))
     )
 
