@@ -9,9 +9,9 @@ float32, K = 8 and 32 with a shared q, K = 32 and 128 with one q per guide; ``fw
 ``fwd+grad`` w.r.t. p), the median time of:
 
 - ``upstream``: NumPyro's MVN–MVN rule, captured before registration;
-- ``shipped``: ``kl_divergence`` with numpyro-gkl registered (with a shared q up to K = 64 the
-  product of Lq⁻¹ and D by blocks, differentiated through the dense product; with a q per
-  guide Lq⁻¹[D | δ] by halves, ``linalg.solve_sq_sums``);
+- ``shipped``: ``kl_divergence`` with numpyro-gkl registered (with a shared q the product of
+  Lq⁻¹ and D by blocks, differentiated through the product by blocks of 64, the dense one up to
+  K = 64; with a q per guide Lq⁻¹[D | δ] by halves, ``linalg.solve_sq_sums``);
 - ``inverse``: Lq⁻¹ by blocks and one product per guide, dense up to K = 64 with a shared q and
   K = 128 with a q per guide, blocked above (the previous shipped form with a q per guide);
 - ``solve``: Lq⁻¹[D | δ] by XLA's batched triangular solve (LAPACK per matrix), D = tril(Lp − Lq);
