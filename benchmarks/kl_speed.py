@@ -26,6 +26,7 @@ Implementations, one column each:
   (``MultivariateNormalTri`` / ``MultivariateNormalDiag``; it has no covariance-low-rank class) and
   PyTorch CPU (``MultivariateNormal`` / ``LowRankMultivariateNormal``; a diagonal is passed as a
   diagonal ``scale_tril`` since PyTorch has no ``Independent``–``MultivariateNormal`` rule).
+- ``read``: not a KL, the read pass below (its own columns, never counted as a peer).
 
 Each timing is the median over rounds; a round calls every implementation of the cell in turn
 (several calls each for fast ones, averaged), in an order rotated every round, so machine noise
@@ -47,6 +48,13 @@ bound max(bytes / copy rate, flops / GEMM rate). Both rates are measured once at
 the worker and in the run's dtype (``_common.measure_rates``: an in-place elementwise pass over
 128 MiB, whose read plus written bytes give the copy rate, and a 1024² GEMM, 2n³ flops): see
 ``cell_flops`` for the flop count of each pair and ``cell_bytes`` for the bytes.
+
+``read ms`` is the floor XLA reaches on the cell's bytes: a jitted pass that reads every input
+once and writes one sum per batch element (``read_pass``; with gradients also the gradient,
+ones as large as the differentiated inputs), timed in the same interleaved rounds as the
+implementations. ``read/limit`` above 3 says that no JAX program meets issue 6's "within 3× of
+the limit" there on this machine, whatever its algorithm; ``ours/read`` is how far ours is from
+that floor.
 
 ``peak/input`` is the memory of one compiled call relative to its inputs, from XLA's buffer
 assignment (``jax.jit(f).lower(...).compile().memory_analysis()``: arguments + outputs +
@@ -221,7 +229,10 @@ def cell_limit_ms(cell: Cell, result: Result, rates: Rates) -> float:
 
 
 # --------------------------------------------------------------------------------------------
-# JAX implementations: ours, upstream, TFP, distrax
+# JAX implementations: ours, upstream, TFP, distrax, and the read pass
+
+# Not a KL: the floor of the cell's bytes (see the module docstring); never a peer.
+READ = "read"
 
 
 class Skip(Exception):
@@ -308,6 +319,85 @@ class UpstreamRules:
         if self.ours_mvn_mvn is self.mvn_mvn:
             raise RuntimeError("numpyro_gkl did not replace NumPyro's MVN-MVN rule")
         self.dispatcher = kl_divergence
+
+
+def _sum_columns(flat: Any) -> Any:
+    return sum(flat[:, i] for i in range(flat.shape[1]))
+
+
+def _sum_transposed(flat: Any) -> Any:
+    import jax.numpy as jnp
+
+    return jnp.sum(flat.T, 0)
+
+
+def _sum_minor(flat: Any) -> Any:
+    import jax.numpy as jnp
+
+    return jnp.sum(flat, -1)
+
+
+def _sum_ones(flat: Any) -> Any:
+    from numpyro_gkl.linalg import event_sum
+
+    return event_sum(flat)
+
+
+# Forms of one pass summing a B × n array per row; none is fastest in every cell (XLA's CPU
+# loops differ with n and B), so the read pass takes the fastest per cell. ``columns`` unrolls
+# n, so it is tried for short rows only.
+READ_FORMS: dict[str, Callable[[Any], Any]] = {
+    "columns": _sum_columns,
+    "transposed": _sum_transposed,
+    "minor axis": _sum_minor,
+    "product with ones": _sum_ones,
+}
+_READ_COLUMNS_MAX = 64
+
+
+def read_pass(cell: Cell, form: str) -> Callable:
+    """``read(p_params, q_params) -> Array``: the sum of every input per batch element, each
+    input read once in the form ``READ_FORMS[form]``, a shared q's sums added once. Its gradient
+    is ones, written without reading anything. Not a floor in theory: a pass that does nothing
+    but read the inputs and write the outputs, timed under the same protocol. Cost: one pass
+    over the inputs."""
+    import jax.numpy as jnp
+
+    row_sum = READ_FORMS[form]
+
+    def sums(x: Any) -> Any:
+        flat = jnp.reshape(x, (x.shape[0], -1))
+        if form == "columns" and flat.shape[1] > _READ_COLUMNS_MAX:
+            return _sum_transposed(flat)
+        return row_sum(flat)
+
+    def read(pp: tuple, qp: tuple) -> Any:
+        total = sum(sums(x) for x in pp)
+        for x in qp:
+            total = total + (jnp.sum(x) if cell.q_shared else sums(x))
+        return total
+
+    return read
+
+
+def _fastest_read(cell: Cell, inputs: Inputs) -> tuple[tuple[Callable, Callable, Callable], str]:
+    """The runner of the read pass in its fastest form on ``cell`` (medians of 7 calls each,
+    after a warm-up), and that form's name."""
+    best: tuple[float, str, tuple] | None = None
+    for form in READ_FORMS:
+        runner = _jax_runner(read_pass(cell, form), inputs, cell.mode)
+        runner[0]()
+        runner[0]()
+        times = []
+        for _ in range(7):
+            t0 = time.perf_counter()
+            runner[0]()
+            times.append(time.perf_counter() - t0)
+        median = statistics.median(times)
+        if best is None or median < best[0]:
+            best = (median, form, runner)
+    assert best is not None
+    return best[2], best[1]
 
 
 def _jax_kl_fn(impl: str, cell: Cell, dtype: Any, rules: UpstreamRules) -> Callable:
@@ -454,6 +544,7 @@ def _prepare(
     function giving its peak/input (``None`` where not analysed)."""
     if impl == "torch":
         return _torch_runner(cell, inputs, cell.mode)
+
     return _jax_runner(_jax_kl_fn(impl, cell, dtype, rules), inputs, cell.mode)
 
 
@@ -491,7 +582,11 @@ def time_cell(
     for impl in impls:
         progress(impl)
         try:
-            call, value, peak_ratio = _prepare(impl, cell, inputs, jnp.dtype(dtype), rules)
+            if impl == READ:
+                (call, value, peak_ratio), form = _fastest_read(cell, inputs)
+                result.notes[READ] = f"fastest form: {form}"
+            else:
+                call, value, peak_ratio = _prepare(impl, cell, inputs, jnp.dtype(dtype), rules)
             out = call()  # compile
             out = call()  # warm up
             start = time.perf_counter()
@@ -505,7 +600,9 @@ def time_cell(
             result.notes[impl] = f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
             continue
         v = value(out)
-        if ref_value is None:
+        if impl == READ:  # not a KL: nothing to compare
+            pass
+        elif ref_value is None:
             ref_value, ref_impl = v, impl
         else:
             note = _check_values(ref_value, v, dtype, ref_impl)
@@ -534,7 +631,7 @@ def time_cell(
         rounds += 1
     for impl, times in samples.items():
         result.ms[impl] = statistics.median(times)
-    peers = [i for i in calls if i not in ("ours", "upstream")]
+    peers = [i for i in calls if i not in ("ours", "upstream", READ)]
     result.best_peer_quartiles = _best_peer_quartiles(samples, _fastest_peer(result.ms, peers))
     return result
 
@@ -764,7 +861,10 @@ def table_rows(
                 _fmt_ratio(_ratio(best, res.ms.get("ours"))),
                 _fmt_quartiles(res.best_peer_quartiles),
                 f"{limit:.3g}",
+                _fmt_ms(res.ms.get(READ)),
                 _fmt_ratio(_ratio(res.ms.get("ours"), limit)),
+                _fmt_ratio(_ratio(res.ms.get(READ), limit)),
+                _fmt_ratio(_ratio(res.ms.get("ours"), res.ms.get(READ))),
                 *(_fmt_peak(res.peak.get(i)) for i in MEMORY_IMPLS),
             ]
         )
@@ -807,8 +907,28 @@ def target_lines(
             f"Target {name}: {', '.join(parts)} cells meet it"
             + (f" (missed: {shown})" if misses else "")
         )
+    lines.append(_read_line(cells, results, rates))
     lines.append(_noise_line(results))
     return lines
+
+
+def _read_line(cells: Sequence[Cell], results: Sequence[Result], rates: Rates) -> str:
+    """In how many memory-bound cells (bytes, not flops, set the limit) the read pass itself is
+    within 3× of the limit: where it is not, even a pass that only reads the inputs misses that
+    target on this machine."""
+    ratios = []
+    for c, r in zip(cells, results, strict=True):
+        nbytes = r.input_bytes + r.output_bytes
+        memory_bound = rates.limit_ms(nbytes, 0.0) >= rates.limit_ms(0.0, cell_flops(c))
+        if memory_bound and (x := _ratio(r.ms.get(READ), cell_limit_ms(c, r, rates))):
+            ratios.append(x)
+    if not ratios:
+        return "Read pass: not timed in a memory-bound cell"
+    within = sum(x <= 3.0 for x in ratios)
+    return (
+        f"Read pass (every input read once) within 3× of the limit: {within}/{len(ratios)} "
+        f"memory-bound cells (read/limit {min(ratios):.2f}–{max(ratios):.2f}×)"
+    )
 
 
 def _noise_line(results: Sequence[Result]) -> str:
@@ -826,7 +946,8 @@ def _noise_line(results: Sequence[Result]) -> str:
 def plot_vs_k(
     path: str, cells: Sequence[Cell], results: Sequence[Result], impls: Sequence[str], rates: Rates
 ) -> None:
-    """Median time against K, full vs full, one panel per mode (log–log); the limit in black."""
+    """Median time against K, full vs full, one panel per mode (log–log); the limit in black,
+    the read pass in gray."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -845,6 +966,8 @@ def plot_vs_k(
             ]
             ks = [c.k for c, _ in sel]
             for impl in impls:
+                if impl == READ:
+                    continue
                 pts = [(c.k, r.ms[impl]) for c, r in sel if r.ms.get(impl) is not None]
                 if pts:
                     ax.plot(
@@ -863,6 +986,15 @@ def plot_vs_k(
                 lw=1,
                 label="limit" if shared else None,
             )
+            read = [(c.k, r.ms[READ]) for c, r in sel if r.ms.get(READ) is not None]
+            if read:
+                ax.plot(
+                    *zip(*read, strict=True),
+                    style,
+                    color="gray",
+                    lw=1,
+                    label="read pass" if shared else None,
+                )
         ax.set(xscale="log", yscale="log", xlabel="K (batch B shrinks with K)", title=mode)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("median ms per call")
@@ -943,7 +1075,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--impls",
         default=None,
-        help="time only these implementations (comma-separated, e.g. ours,TFP); all by default",
+        help="time only these implementations (comma-separated: ours,TFP,read); all by default",
     )
     parser.add_argument(
         "--grad-q",
@@ -961,7 +1093,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     import jax
 
     peers, peer_notes = available_peers()
-    impls = ["ours", "upstream", *peers]
+    impls = ["ours", "upstream", *peers, READ]
     if args.impls is not None:
         wanted = args.impls.split(",")
         impls = [i for i in impls if i in wanted]
@@ -1028,7 +1160,10 @@ def report(run: dict[str, Any], markdown: bool) -> None:
         "best peer/ours",
         "per round: median (IQR)",
         "limit ms",
+        "read ms",
         "ours/limit",
+        "read/limit",
+        "ours/read",
         *(f"peak/input {i}" for i in MEMORY_IMPLS),
     ]
     print(run["machine"])
