@@ -30,8 +30,9 @@ Implementations, one column each:
 
 Each timing is the median over rounds; a round calls every implementation of the cell in turn
 (several calls each for fast ones, averaged), in an order rotated every round, so machine noise
-hits all columns alike; PyTorch's OpenMP threads are made to sleep between calls
-(``OMP_WAIT_POLICY=PASSIVE``) rather than spin on the cores the next call needs. Ratios
+hits all columns alike; the thread pools of PyTorch (OpenMP) and of the LAPACK that JAX's
+solves and factorizations call (scipy's OpenBLAS) are made to sleep between calls rather than
+spin on the cores the next call needs (``WORKER_ENV``). Ratios
 ``upstream/ours`` and ``best peer/ours`` above 1 mean ours is faster; ``per round: median
 (IQR)`` is the median and interquartile range of the latter ratio taken round by round (the
 fastest peer and ours timed back to back), the comparison's own noise, and the machine line gives
@@ -660,14 +661,18 @@ STALL_S = 40.0
 ATTEMPTS = 4
 
 
-def _worker_main(conn: Any, dtype: str) -> None:
-    """Child process: times the cells it receives until it gets ``None``.
+# Set in the worker's environment (unless already set): after a call, the threads of these pools
+# busy-wait by default and take the two cores from the call timed next. PyTorch's OpenMP threads:
+# ours 1.3× slower right after torch in one K = 32 cell. OpenBLAS's, which every LAPACK call of
+# upstream, TFP and distrax wakes (jaxlib calls scipy's LAPACK) and which spin for 2^28 cycles
+# (about 0.1 s) after it: ours 1.7–1.8× slower on every one of five calls after upstream's at
+# K = 512 with a shared q, 1.0× with a timeout of 2^4 cycles (``benchmarks/interleave_cost.py``,
+# docs/performance.md); ours calls no LAPACK, so its own calls never wake that pool.
+WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
 
-    PyTorch's OpenMP threads busy-wait after each call by default and took the two cores from
-    the JAX call timed next (ours 1.3× slower right after torch in one K = 32 cell); with
-    ``OMP_WAIT_POLICY=PASSIVE`` (unless set) they sleep.
-    """
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+def _worker_main(conn: Any, dtype: str) -> None:
+    """Child process: times the cells it receives until it gets ``None``."""
     import jax
 
     if dtype == "float64":
@@ -695,6 +700,8 @@ class Worker:
     def _start(self) -> None:
         import multiprocessing as mp
 
+        for name, value in WORKER_ENV.items():  # inherited by the child (spawned, not forked)
+            os.environ.setdefault(name, value)
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker_main, args=(child, self.dtype), daemon=True)
@@ -1130,7 +1137,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.perf_counter() - t_start
     steal = steal_share(cpu_start, cpu_times())
     stolen = "" if steal is None else f", CPU steal {100 * steal:.0f}% (hypervisor) during it"
+    pools = ", ".join(f"{name}={os.environ.get(name)}" for name in WORKER_ENV)
     machine = machine_line(
+        f"{pools} in the worker; "
         f"dtype {args.dtype}, JAX backend {jax.default_backend()}, load average "
         f"{load_start:.1f} at the start, run took {elapsed:.0f} s{stolen}"
     )
