@@ -15,17 +15,18 @@ and, per preamble, the first call and the mean of the rest against back to back:
 - ``spin``: one core busy for ``--pause-ms`` in a Python loop that touches no data;
 - ``evict``: an in-place pass over ``--evict-mib`` MiB of NumPy memory (larger than the
   last-level cache), so the cache holds none of ours' data;
-- ``after <impl>``: three calls of another implementation of the cell (the ``kl_speed.py``
-  protocol: one library's calls between ours').
+- ``after <impl>``: three calls of another implementation of the cell (one library's calls
+  between ours');
+- ``after <impl>, settled``: the same, then ``kl_speed.py``'s protocol before a timed batch: a
+  pause of ``kl_speed.SETTLE_S`` and one untimed call of ours.
 
 If ``evict`` costs what ``after <impl>`` does, the other library's working set evicting ours
 explains the gap; if ``sleep`` costs it, the idle cores do (frequency scaling, or the
 hypervisor descheduling the vCPU), not the data; if only ``after <impl>`` costs it, something
-that implementation leaves running does. ``--sleeping-pools`` sets ``kl_speed.WORKER_ENV``
-(thread pools that sleep instead of spinning after a call, as in ``kl_speed.py``'s worker);
-the machine line gives both variables. Implementations as in ``kl_speed.py``; the
-default peers are upstream and PyTorch (TFP and distrax can deadlock under jaxlib 0.10.2 outside
-``kl_speed.py``'s watchdog).
+that implementation leaves running does. ``--sleeping-pools`` sets ``SLEEPING_POOLS`` (thread
+pools that sleep instead of spinning after a call); the machine line gives both variables.
+Implementations as in ``kl_speed.py``; the default peers are upstream and PyTorch (TFP and
+distrax can deadlock under jaxlib 0.10.2 outside ``kl_speed.py``'s watchdog).
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ from typing import Any
 import kl_speed
 import numpy as np
 from _common import machine_line, render_table
+
+# OpenBLAS's threads (scipy's, which jaxlib's LAPACK calls use) give up spinning after 2^4
+# cycles instead of 2^28; libgomp's (PyTorch's) sleep at once.
+SLEEPING_POOLS = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
 def _spin(seconds: float) -> None:
@@ -74,7 +79,19 @@ def preambles(
     for impl, call in calls.items():
         if impl != "ours":
             rows[f"after {impl}"] = _calls_of(call)
+    for impl, call in calls.items():
+        if impl != "ours":
+            rows[f"after {impl}, settled"] = _settled(_calls_of(call), calls["ours"])
     return rows
+
+
+def _settled(preamble: Callable[[], None], ours: Callable[[], Any]) -> Callable[[], None]:
+    def run() -> None:
+        preamble()
+        time.sleep(kl_speed.SETTLE_S)
+        ours()
+
+    return run
 
 
 def measure(
@@ -148,7 +165,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--pause-ms", type=float, default=20.0)
     parser.add_argument("--evict-mib", type=int, default=256)
     parser.add_argument(
-        "--sleeping-pools", action="store_true", help="set kl_speed.WORKER_ENV (unless set)"
+        "--sleeping-pools", action="store_true", help="set SLEEPING_POOLS (unless set)"
     )
     parser.add_argument("--markdown", action="store_true")
     return parser.parse_args(argv)
@@ -157,7 +174,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     if args.sleeping_pools:  # before any pool starts: torch and scipy's LAPACK load later
-        for name, value in kl_speed.WORKER_ENV.items():
+        for name, value in SLEEPING_POOLS.items():
             os.environ.setdefault(name, value)
     batch = kl_speed.FULL_GRID[args.k]
     cell = kl_speed.Cell("full", "full", args.k, batch, args.q_shared, args.mode)
@@ -167,7 +184,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     medians = measure(cell, impls, args.trials, args.calls, args.pause_ms / 1e3, args.evict_mib)
     elapsed = time.perf_counter() - start
     q = "q shared" if args.q_shared else "q per guide"
-    pools = ", ".join(f"{name}={os.environ.get(name)}" for name in kl_speed.WORKER_ENV)
+    pools = ", ".join(f"{name}={os.environ.get(name)}" for name in SLEEPING_POOLS)
     where = f"cell full vs full K={args.k} B={batch} {q} {args.mode}; {pools}"
     print(machine_line(f"{where}; took {elapsed:.0f} s"))
     print()

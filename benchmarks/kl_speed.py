@@ -31,15 +31,16 @@ Implementations, one column each:
 Each timing is the median over rounds; a round calls every implementation of the cell in turn
 (several calls each for fast ones, averaged), in an order rotated every round, so machine noise
 hits all columns alike; the thread pools of PyTorch (OpenMP) and of the LAPACK that JAX's
-solves and factorizations call (scipy's OpenBLAS) are made to sleep between calls rather than
-spin on the cores the next call needs (``WORKER_ENV``). Ratios
+solves and factorizations call (scipy's OpenBLAS) spin for up to 0.1 s after a call, so each
+timed batch follows a pause of ``SETTLE_S`` and one untimed call: every library runs in its
+default configuration, with no other library's threads left on the cores. Ratios
 ``upstream/ours`` and ``best peer/ours`` above 1 mean ours is faster; ``per round: median
 (IQR)`` is the median and interquartile range of the latter ratio taken round by round (the
-fastest peer and ours timed back to back), the comparison's own noise, and the machine line gives
-the share of CPU time the hypervisor stole during the run (Linux ``/proc/stat``). Every
-implementation's KL value is checked against the first one's (a note is printed past a loose
-tolerance). ``--impls`` times a subset alone (``--impls ours``: ours with nothing run between
-its calls).
+fastest peer and ours timed in the same round, seconds apart), the comparison's own noise,
+and the machine line gives the share of CPU time the hypervisor stole during the run (Linux
+``/proc/stat``). Every implementation's KL value is checked against the first one's (a note is
+printed past a loose tolerance). ``--impls`` times a subset alone (``--impls ours``: ours with
+nothing but its pauses between its calls).
 
 Cells run in a child process with a watchdog: jaxlib 0.10.2 on CPU can deadlock (see
 ``Worker``), and a stalled cell is retried in a fresh process and reported.
@@ -557,6 +558,19 @@ def _check_values(ref: np.ndarray, got: np.ndarray, dtype: str, ref_impl: str) -
     return None if rel <= tol else f"value differs from {ref_impl} by {rel:.1e}"
 
 
+# Before each timed batch of a round: a pause, then one untimed call. After a call, thread pools
+# busy-wait for the next one and take the two cores from whatever runs next: the OpenBLAS that
+# jaxlib's LAPACK calls come from (scipy's; upstream, TFP and distrax) spins for 2^28 cycles,
+# about 0.1 s, and ours, timed right after upstream at K = 512 with a shared q, read 1.6-1.8×
+# its back-to-back time on each of five calls (``benchmarks/interleave_cost.py``). Making the
+# pools sleep instead (OPENBLAS_THREAD_TIMEOUT=4, OMP_WAIT_POLICY=PASSIVE) removes that but
+# slows every library that calls LAPACK in a loop: upstream with a q per guide at K = 32 3.2×.
+# The pause lets every library run in its default configuration with no other library's
+# threads on the cores; the untimed call absorbs what the first call after an idle pause costs
+# (1.2-1.3× here). Also ends libgomp's (PyTorch's) shorter spin.
+SETTLE_S = 0.2
+
+
 def time_cell(
     cell: Cell,
     impls: Sequence[str],
@@ -615,20 +629,21 @@ def time_cell(
         inner[impl] = max(1, min(200, int(0.02 / max(est, 1e-6))))
     samples: dict[str, list[float]] = {impl: [] for impl in calls}
     order = list(calls)
-    start = time.perf_counter()
+    timed = 0.0  # seconds of timed batches: the budget leaves out the pauses
     rounds = 0
-    while order and (
-        rounds < min_rounds or (time.perf_counter() - start < budget_s and rounds < 200)
-    ):
-        # Rotate the order every round, so that no implementation always follows the same one
-        # (whatever a call leaves behind, e.g. busy worker threads, hits every column alike).
+    while order and (rounds < min_rounds or (timed < budget_s and rounds < 200)):
+        # Rotate the order every round, so that no implementation always follows the same one.
         for impl in order[rounds % len(order) :] + order[: rounds % len(order)]:
             call = calls[impl]
             progress(impl)
+            time.sleep(SETTLE_S)  # the previous batch's spinning thread pools go idle
+            call()  # untimed: the first call after a pause runs cold
             t0 = time.perf_counter()
             for _ in range(inner[impl]):
                 call()
-            samples[impl].append((time.perf_counter() - t0) / inner[impl] * 1e3)
+            elapsed = time.perf_counter() - t0
+            timed += elapsed
+            samples[impl].append(elapsed / inner[impl] * 1e3)
         rounds += 1
     for impl, times in samples.items():
         result.ms[impl] = statistics.median(times)
@@ -639,7 +654,7 @@ def time_cell(
 
 def _best_peer_quartiles(samples: dict[str, list[float]], best: str | None) -> list[float] | None:
     """Quartiles [25 %, 50 %, 75 %] of fastest peer ``best`` / ours over the rounds; each
-    round's two times were taken back to back, so the ratio's spread is the noise the comparison
+    round's two times were taken seconds apart, so the ratio's spread is the noise the comparison
     itself sees (a slow round of the machine slows both). Its median need not equal the ratio of
     the two medians."""
     if best is None or not samples.get("ours"):
@@ -659,16 +674,6 @@ def _best_peer_quartiles(samples: dict[str, list[float]], best: str | None) -> l
 
 STALL_S = 40.0
 ATTEMPTS = 4
-
-
-# Set in the worker's environment (unless already set): after a call, the threads of these pools
-# busy-wait by default and take the two cores from the call timed next. PyTorch's OpenMP threads:
-# ours 1.3× slower right after torch in one K = 32 cell. OpenBLAS's, which every LAPACK call of
-# upstream, TFP and distrax wakes (jaxlib calls scipy's LAPACK) and which spin for 2^28 cycles
-# (about 0.1 s) after it: ours 1.7–1.8× slower on every one of five calls after upstream's at
-# K = 512 with a shared q, 1.0× with a timeout of 2^4 cycles (``benchmarks/interleave_cost.py``,
-# docs/performance.md); ours calls no LAPACK, so its own calls never wake that pool.
-WORKER_ENV = {"OMP_WAIT_POLICY": "PASSIVE", "OPENBLAS_THREAD_TIMEOUT": "4"}
 
 
 def _worker_main(conn: Any, dtype: str) -> None:
@@ -700,8 +705,6 @@ class Worker:
     def _start(self) -> None:
         import multiprocessing as mp
 
-        for name, value in WORKER_ENV.items():  # inherited by the child (spawned, not forked)
-            os.environ.setdefault(name, value)
         ctx = mp.get_context("spawn")
         self.conn, child = ctx.Pipe()
         self.proc = ctx.Process(target=_worker_main, args=(child, self.dtype), daemon=True)
@@ -1074,7 +1077,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     parser.add_argument("--markdown", action="store_true", help="print a markdown table")
     parser.add_argument(
-        "--budget", type=float, default=None, help="seconds of timing rounds per cell"
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds of timed calls per cell (the pauses not counted)",
     )
     parser.add_argument(
         "--only", default=None, help="run only the cells whose 'pair K' label contains this"
@@ -1137,9 +1143,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     elapsed = time.perf_counter() - t_start
     steal = steal_share(cpu_start, cpu_times())
     stolen = "" if steal is None else f", CPU steal {100 * steal:.0f}% (hypervisor) during it"
-    pools = ", ".join(f"{name}={os.environ.get(name)}" for name in WORKER_ENV)
     machine = machine_line(
-        f"{pools} in the worker; "
+        f"a {SETTLE_S * 1e3:.0f} ms pause and an untimed call before each timed batch; "
         f"dtype {args.dtype}, JAX backend {jax.default_backend()}, load average "
         f"{load_start:.1f} at the start, run took {elapsed:.0f} s{stolen}"
     )
