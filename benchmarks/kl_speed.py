@@ -976,18 +976,16 @@ def plot_vs_k(
             ]
             ks = [c.k for c, _ in sel]
             for impl in impls:
-                if impl == READ:
-                    continue
                 pts = [(c.k, r.ms[impl]) for c, r in sel if r.ms.get(impl) is not None]
-                if pts:
-                    ax.plot(
-                        *zip(*pts, strict=True),
-                        style,
-                        marker="o",
-                        ms=3,
-                        color=colors[impl],
-                        label=impl if shared else None,
-                    )
+                if not pts:
+                    continue
+                if impl == READ:  # a floor, drawn like the limit
+                    look: dict[str, Any] = {"color": "gray", "lw": 1, "label": "read pass"}
+                else:
+                    look = {"marker": "o", "ms": 3, "color": colors[impl], "label": impl}
+                if not shared:
+                    look["label"] = None
+                ax.plot(*zip(*pts, strict=True), style, **look)
             ax.plot(
                 ks,
                 [cell_limit_ms(c, r, rates) for c, r in sel],
@@ -996,15 +994,6 @@ def plot_vs_k(
                 lw=1,
                 label="limit" if shared else None,
             )
-            read = [(c.k, r.ms[READ]) for c, r in sel if r.ms.get(READ) is not None]
-            if read:
-                ax.plot(
-                    *zip(*read, strict=True),
-                    style,
-                    color="gray",
-                    lw=1,
-                    label="read pass" if shared else None,
-                )
         ax.set(xscale="log", yscale="log", xlabel="K (batch B shrinks with K)", title=mode)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].set_ylabel("median ms per call")
