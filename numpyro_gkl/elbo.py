@@ -8,7 +8,8 @@ estimator stays unbiased:
 - site-wise Gaussian guide site and Gaussian model site (any pair that ``kl_divergence`` knows,
   NumPyro's or ours): log p(z) − log q(z) → −KL(q‖p), provided the mean-field condition holds for
   the site (no latent parent of the model site descends from it in the guide); otherwise the draw
-  is kept and a warning names the site once;
+  is kept and a warning names the site once. The model's and the guide's scales weigh their own
+  sides, as in ``Trace_ELBO``: with sp ≠ sq the term is −sp·KL − (sp − sq)·H(q);
 - joint Gaussian auto guide q(u) (``AutoMultivariateNormal``, ``AutoLowRankMultivariateNormal``,
   ``AutoDiagonalNormal``): −log q(u) → H(q) = ½ log|2πeΣ|, and for each model site that is a root
   of the model (no latent parents), has real support and a Gaussian prior, log p(z) →
@@ -92,6 +93,30 @@ def _scaled_sum(x: jax.Array, site: Site) -> jax.Array:
     return jnp.sum(scale_and_mask(x, site["scale"]))
 
 
+def _same_scale(a: Any, b: Any) -> bool:
+    """Whether two sites' scales are known, before tracing, to be equal (``None`` is 1); a
+    traced scale is never known to be."""
+    a, b = (1.0 if x is None else x for x in (a, b))
+    if a is b:
+        return True
+    try:
+        return bool(np.array_equal(np.asarray(a), np.asarray(b)))
+    except jax.errors.TracerArrayConversionError:
+        return False
+
+
+def _unmasked_entropy(fn: Any) -> jax.Array | None:
+    """H(q) of each element of a guide site's batch (shape ``fn.batch_shape``), or ``None`` if
+    the distribution is masked or has no closed-form entropy."""
+    g = as_gaussian(fn)
+    if g is not None:
+        return None if g.mask is not None else jnp.broadcast_to(entropy(g), fn.batch_shape)
+    try:
+        return jnp.broadcast_to(fn.entropy(), fn.batch_shape)
+    except NotImplementedError:  # MaskedDistribution among others
+        return None
+
+
 def _is_real(support: constraints.Constraint) -> bool:
     """Whether the support is ℝⁿ, so that the auto guide's transform is the identity."""
     while isinstance(support, constraints.independent):
@@ -138,7 +163,9 @@ def _difference(
     q = None if joint or site["is_observed"] else as_gaussian(site["fn"])
     if q is None or q.mask is not None or isinstance(q, LowRank):
         return sampled[name] - closed[name]
-    return _log_prob_sum(model_trace[name]) + _scaled_sum(entropy(q), site) - closed[name]
+    # per element of the batch, also where a plate broadcasts the parameters
+    h = jnp.broadcast_to(entropy(q), q.batch_shape)
+    return _log_prob_sum(model_trace[name]) + _scaled_sum(h, site) - closed[name]
 
 
 def _latent_index(guide: AutoContinuous, dim: int) -> dict[str, np.ndarray]:
@@ -219,7 +246,18 @@ class TraceAnalytic_ELBO(ELBO):
     def _sitewise_kl(
         self, name: str, model_site: Site, guide_site: Site, model_deps: dict, guide_deps: dict
     ) -> jax.Array | None:
-        """−KL(q‖p) for a site-wise pair, or ``None`` where it would not be exact."""
+        """The expectation of the site's term sp·log p(z) − sq·log q(z) for a site-wise pair
+        (sp, sq: the model's and the guide's scale, as ``Trace_ELBO`` weighs them), or ``None``
+        where it would not be exact.
+
+        With R = KL(q‖p) per element of the pair's batch (NumPyro's masked semantics: −H(q) where
+        only q is present), Σ −sp·R when sp = sq is known before tracing and q's batch is the
+        pair's; otherwise Σ −sp·R − Σ sp·H(q) over the pair's batch + Σ sq·H(q) over q's own,
+        which needs an unmasked q with an entropy (``None`` if not: the draw is kept). Upstream
+        ``TraceMeanField_ELBO`` weighs −R by sq alone, which differs from ``Trace_ELBO`` when
+        only one side is scaled (``handlers.scale`` on the model, KL annealing) or when a model
+        plate is replayed from a guide plate of another size (scale N/M on the model side).
+        """
         try:
             kl = kl_divergence(guide_site["fn"], model_site["fn"])
         except NotImplementedError:
@@ -234,7 +272,18 @@ class TraceAnalytic_ELBO(ELBO):
                 "sampled.",
             )
             return None
-        return -_scaled_sum(kl, guide_site)
+        model_scale, guide_scale = model_site["scale"], guide_site["scale"]
+        q = guide_site["fn"]
+        if _same_scale(model_scale, guide_scale) and jnp.shape(kl) == q.batch_shape:
+            return -_scaled_sum(kl, model_site)
+        h = _unmasked_entropy(q)
+        if h is None:
+            return None
+        return (
+            -_scaled_sum(kl, model_site)
+            - _scaled_sum(jnp.broadcast_to(h, jnp.shape(kl)), model_site)
+            + _scaled_sum(h, guide_site)
+        )
 
     def _joint_terms(
         self, guide: AutoContinuous, guide_trace: dict, model_trace: dict, model_deps: dict

@@ -283,6 +283,49 @@ def test_site_difference_has_the_gradient_of_draw_minus_closed_form(guide):
             np.testing.assert_allclose(d[k][i, 0], expected[k], rtol=1e-6, atol=1e-9)
 
 
+def plate_model():
+    with numpyro.plate("N", 6):
+        numpyro.sample("z", dist.Normal(0.5, 2.0))
+
+
+def plate_guide():
+    """Scalar parameters that the plate broadcasts to its 6 elements."""
+    loc = numpyro.param("loc", 0.3)
+    scale = numpyro.param("scale", 0.7, constraint=constraints.positive)
+    with numpyro.plate("N", 6):
+        numpyro.sample("z", dist.Normal(loc, scale))
+
+
+def test_site_difference_counts_every_element_a_plate_broadcasts():
+    """The difference's gradient is that of log p(z) − log q(z) + KL(q‖p) draw by draw, the KL of
+    the 6 elements written out, when the guide's parameters are scalars broadcast by a plate
+    (H(q) once instead of 6 times made it biased: its mean was −5 H(q))."""
+    svi = SVI(plate_model, plate_guide, numpyro.optim.Adam(0.01), Trace_ELBO())
+    free = svi.optim.get_params(svi.init(jax.random.PRNGKey(0)).optim_state)
+    key = jax.random.PRNGKey(3)
+    _, _, d, names = TraceAnalytic_ELBO(3).particle_gradients(
+        key, svi.constrain_fn(free), plate_model, plate_guide
+    )
+    assert names == ("z",)
+
+    def reference(u, particle_key):
+        _, guide_key = jax.random.split(particle_key)
+        params = svi.constrain_fn(u)
+        tr = numpyro.handlers.trace(
+            numpyro.handlers.substitute(numpyro.handlers.seed(plate_guide, guide_key), params)
+        ).get_trace()
+        z, m, s = tr["z"]["value"], params["loc"], params["scale"]
+        kl = 6 * (jnp.log(2.0 / s) + (s**2 + (m - 0.5) ** 2) / 8.0 - 0.5)
+        log_p = dist.Normal(0.5, 2.0).log_prob(z).sum()
+        return log_p - tr["z"]["fn"].log_prob(z).sum() + kl
+
+    reference_grad = jax.jit(jax.grad(reference))
+    for i, particle_key in enumerate(jax.random.split(key, 3)):
+        expected = reference_grad(free, particle_key)
+        for k in expected:
+            np.testing.assert_allclose(d[k][i, 0], expected[k], rtol=1e-6, atol=1e-9)
+
+
 # -- running moments: with_adaptive_state -----------------------------------------------------
 
 # (label, model, guide, data, particles, warm-up steps): few warm-up steps make the bias of a c
