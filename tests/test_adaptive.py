@@ -249,20 +249,19 @@ def site_guide(x, y=None):
     numpyro.sample("w", dist.Normal(loc, scale).to_event(1))
 
 
-@pytest.mark.parametrize("guide", [full_rank_guide, site_guide], ids=["full rank", "diagonal"])
-def test_site_difference_has_the_gradient_of_draw_minus_closed_form(guide):
-    """Per draw, the gradient of site w's difference is that of log p(z) − log q(z) + KL(q‖p),
-    here from NumPyro's log densities and the KL against N(0, I) written out, on the draws the
-    ELBO makes (particle keys split from the key, then model and guide keys)."""
-    data = make_classification_data(20, 4)
-    svi = SVI(logistic_regression, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
+def assert_difference_gradients(model, guide, data, site, draw_minus_closed, shift=None):
+    """Per draw, the gradient of ``site``'s difference equals that of
+    ``draw_minus_closed(params, guide_trace)``, on the draws the ELBO makes (particle keys split
+    from the key, then model and guide keys), at the guide's initial unconstrained parameters
+    (moved by ``shift``)."""
+    svi = SVI(model, guide, numpyro.optim.Adam(0.01), Trace_ELBO())
     free = svi.optim.get_params(svi.init(jax.random.PRNGKey(0), *data).optim_state)
-    free = jax.tree.map(lambda u: u + 0.2 * jnp.cos(jnp.arange(u.size)).reshape(u.shape), free)
+    free = free if shift is None else jax.tree.map(shift, free)
     key = jax.random.PRNGKey(3)
     _, _, d, names = TraceAnalytic_ELBO(3).particle_gradients(
-        key, svi.constrain_fn(free), logistic_regression, guide, *data
+        key, svi.constrain_fn(free), model, guide, *data
     )
-    assert names == ("w",)
+    assert names == (site,)
 
     def reference(u, particle_key):
         _, guide_key = jax.random.split(particle_key)
@@ -270,17 +269,32 @@ def test_site_difference_has_the_gradient_of_draw_minus_closed_form(guide):
         tr = numpyro.handlers.trace(
             numpyro.handlers.substitute(numpyro.handlers.seed(guide, guide_key), params)
         ).get_trace(*data)
-        q, z = tr["w"]["fn"], tr["w"]["value"]
-        cov = q.covariance_matrix if hasattr(q, "covariance_matrix") else jnp.diag(q.variance)
-        kl = 0.5 * (jnp.trace(cov) + jnp.sum(q.mean**2) - 4 - jnp.linalg.slogdet(cov)[1])
-        log_p = dist.Normal(0.0, 1.0).log_prob(z).sum()
-        return log_p - q.log_prob(z) + kl
+        return draw_minus_closed(params, tr)
 
     reference_grad = jax.jit(jax.grad(reference))
     for i, particle_key in enumerate(jax.random.split(key, 3)):
         expected = reference_grad(free, particle_key)
         for k in expected:
             np.testing.assert_allclose(d[k][i, 0], expected[k], rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("guide", [full_rank_guide, site_guide], ids=["full rank", "diagonal"])
+def test_site_difference_has_the_gradient_of_draw_minus_closed_form(guide):
+    """Per draw, the gradient of site w's difference is that of log p(z) − log q(z) + KL(q‖p),
+    here from NumPyro's log densities and the KL against N(0, I) written out."""
+    data = make_classification_data(20, 4)
+
+    def draw_minus_closed(params, tr):
+        q, z = tr["w"]["fn"], tr["w"]["value"]
+        cov = q.covariance_matrix if hasattr(q, "covariance_matrix") else jnp.diag(q.variance)
+        kl = 0.5 * (jnp.trace(cov) + jnp.sum(q.mean**2) - 4 - jnp.linalg.slogdet(cov)[1])
+        log_p = dist.Normal(0.0, 1.0).log_prob(z).sum()
+        return log_p - q.log_prob(z) + kl
+
+    def shift(u):
+        return u + 0.2 * jnp.cos(jnp.arange(u.size)).reshape(u.shape)
+
+    assert_difference_gradients(logistic_regression, guide, data, "w", draw_minus_closed, shift)
 
 
 def plate_model():
@@ -297,33 +311,16 @@ def plate_guide():
 
 
 def test_site_difference_counts_every_element_a_plate_broadcasts():
-    """The difference's gradient is that of log p(z) − log q(z) + KL(q‖p) draw by draw, the KL of
-    the 6 elements written out, when the guide's parameters are scalars broadcast by a plate
-    (H(q) once instead of 6 times made it biased: its mean was −5 H(q))."""
-    svi = SVI(plate_model, plate_guide, numpyro.optim.Adam(0.01), Trace_ELBO())
-    free = svi.optim.get_params(svi.init(jax.random.PRNGKey(0)).optim_state)
-    key = jax.random.PRNGKey(3)
-    _, _, d, names = TraceAnalytic_ELBO(3).particle_gradients(
-        key, svi.constrain_fn(free), plate_model, plate_guide
-    )
-    assert names == ("z",)
+    """The same, the KL of the 6 elements written out, when the guide's parameters are scalars
+    broadcast by a plate (H(q) once instead of 6 times made it biased: its mean was −5 H(q))."""
 
-    def reference(u, particle_key):
-        _, guide_key = jax.random.split(particle_key)
-        params = svi.constrain_fn(u)
-        tr = numpyro.handlers.trace(
-            numpyro.handlers.substitute(numpyro.handlers.seed(plate_guide, guide_key), params)
-        ).get_trace()
+    def draw_minus_closed(params, tr):
         z, m, s = tr["z"]["value"], params["loc"], params["scale"]
         kl = 6 * (jnp.log(2.0 / s) + (s**2 + (m - 0.5) ** 2) / 8.0 - 0.5)
         log_p = dist.Normal(0.5, 2.0).log_prob(z).sum()
         return log_p - tr["z"]["fn"].log_prob(z).sum() + kl
 
-    reference_grad = jax.jit(jax.grad(reference))
-    for i, particle_key in enumerate(jax.random.split(key, 3)):
-        expected = reference_grad(free, particle_key)
-        for k in expected:
-            np.testing.assert_allclose(d[k][i, 0], expected[k], rtol=1e-6, atol=1e-9)
+    assert_difference_gradients(plate_model, plate_guide, (), "z", draw_minus_closed)
 
 
 # -- running moments: with_adaptive_state -----------------------------------------------------
