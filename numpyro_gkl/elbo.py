@@ -110,7 +110,7 @@ def _unmasked_entropy(fn: Any) -> jax.Array | None:
     the distribution is masked or has no closed-form entropy."""
     g = as_gaussian(fn)
     if g is not None:
-        return None if g.mask is not None else jnp.broadcast_to(entropy(g), fn.batch_shape)
+        return None if g.mask is not None else entropy(g)
     try:
         return jnp.broadcast_to(fn.entropy(), fn.batch_shape)
     except NotImplementedError:  # MaskedDistribution among others
@@ -163,9 +163,7 @@ def _difference(
     q = None if joint or site["is_observed"] else as_gaussian(site["fn"])
     if q is None or q.mask is not None or isinstance(q, LowRank):
         return sampled[name] - closed[name]
-    # per element of the batch, also where a plate broadcasts the parameters
-    h = jnp.broadcast_to(entropy(q), q.batch_shape)
-    return _log_prob_sum(model_trace[name]) + _scaled_sum(h, site) - closed[name]
+    return _log_prob_sum(model_trace[name]) + _scaled_sum(entropy(q), site) - closed[name]
 
 
 def _latent_index(guide: AutoContinuous, dim: int) -> dict[str, np.ndarray]:
@@ -272,18 +270,15 @@ class TraceAnalytic_ELBO(ELBO):
                 "sampled.",
             )
             return None
-        model_scale, guide_scale = model_site["scale"], guide_site["scale"]
+        term = -_scaled_sum(kl, model_site)
         q = guide_site["fn"]
-        if _same_scale(model_scale, guide_scale) and jnp.shape(kl) == q.batch_shape:
-            return -_scaled_sum(kl, model_site)
+        if _same_scale(model_site["scale"], guide_site["scale"]) and jnp.shape(kl) == q.batch_shape:
+            return term
         h = _unmasked_entropy(q)
         if h is None:
             return None
-        return (
-            -_scaled_sum(kl, model_site)
-            - _scaled_sum(jnp.broadcast_to(h, jnp.shape(kl)), model_site)
-            + _scaled_sum(h, guide_site)
-        )
+        h_pair = jnp.broadcast_to(h, jnp.shape(kl))
+        return term - _scaled_sum(h_pair, model_site) + _scaled_sum(h, guide_site)
 
     def _joint_terms(
         self, guide: AutoContinuous, guide_trace: dict, model_trace: dict, model_deps: dict

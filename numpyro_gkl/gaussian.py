@@ -194,9 +194,11 @@ def _reduce_event(reduce: Callable[..., Array], x: Array, g: Gaussian) -> Array:
 
 @highest_precision
 def entropy(g: Gaussian) -> Array:
-    """H = ½ K log(2πe) + ½ log|Σ| of each event, NaN where ``g.valid()`` is False. Cost: that
-    of ``half_log_det``."""
-    return jnp.where(g.valid(), 0.5 * g.dim * (1.0 + _LOG_2PI) + g.half_log_det(), jnp.nan)
+    """H = ½ K log(2πe) + ½ log|Σ| of each event, shape ``g.batch_shape`` (also where the
+    parameters are smaller, as when a plate broadcasts them), NaN where ``g.valid()`` is False.
+    Cost: that of ``half_log_det``."""
+    h = jnp.where(g.valid(), 0.5 * g.dim * (1.0 + _LOG_2PI) + g.half_log_det(), jnp.nan)
+    return jnp.broadcast_to(h, g.batch_shape)
 
 
 def describe(d: Any) -> str:

@@ -4,7 +4,7 @@ import numpy as np
 import numpyro.distributions as dist
 import pytest
 
-from numpyro_gkl.gaussian import Diagonal, as_gaussian
+from numpyro_gkl.gaussian import Diagonal, as_gaussian, entropy
 from numpyro_gkl.kl import cross_entropy
 
 
@@ -46,3 +46,22 @@ def test_cross_entropy_is_nan_where_a_scale_is_not_positive():
     q = as_gaussian(dist.Normal(np.zeros(3), 1.0).to_event(1))
     out = np.asarray(cross_entropy(p, q))
     assert np.isfinite(out[0]) and np.isnan(out[1])
+
+
+FULL_COV = np.array([[0.5, 0.1], [0.1, 0.4]])
+
+
+@pytest.mark.parametrize(
+    ("d", "cov"),
+    [
+        (dist.Normal(0.3, 0.8).expand([6]), np.array([[0.64]])),
+        (dist.MultivariateNormal(np.zeros(2), FULL_COV).expand([6]), FULL_COV),
+    ],
+    ids=["scalar normal", "full"],
+)
+def test_entropy_has_the_batch_shape_when_parameters_are_broadcast(d, cov):
+    """One entropy per batch element, as NumPyro's ``entropy()`` gives, when the parameters are
+    smaller than the batch (a plate broadcasting them): ½ log|2πeΣ| each, dense."""
+    got = np.asarray(entropy(as_gaussian(d)))
+    assert got.shape == (6,)
+    np.testing.assert_allclose(got, 0.5 * np.linalg.slogdet(2 * np.pi * np.e * cov)[1], rtol=1e-12)
