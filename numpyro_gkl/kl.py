@@ -81,9 +81,9 @@ def _cov_vs_diag(p: Gaussian, sq: Array) -> Array:
     """f(Σp ‖ diag(sq²)) for a vector event. O(K) diagonal, O(K²) full, O(K r² + r³) low rank."""
     if isinstance(p, Diagonal):
         return _diag_terms(p.scale, sq)
-    if isinstance(p, Tril):
-        m = p.scale_tril / sq[..., :, None]
-        return _diag_terms(diagonal(p.scale_tril), sq) + strict_lower_sq_sum(m)
+    if isinstance(p, Tril):  # M = diag(1/σq) Lp: the factor's rows scaled inside the sum
+        lp = p.scale_tril
+        return _diag_terms(diagonal(lp), sq) + strict_lower_sq_sum(lp, 1.0 / sq)
     assert isinstance(p, LowRank)
     dq = jnp.square(sq)
     dd = -square_minus(sq, p.cov_diag)  # Dp − σq², exact to one rounding when Dp ≈ σq²

@@ -136,17 +136,27 @@ def event_sum(x: Array, n: int = 1) -> Array:
     return jnp.matmul(flat, jnp.ones(size, x.dtype), precision=lax.Precision.HIGHEST)
 
 
-def _masked_sq_sum(m: Array) -> Array:
-    """``Σ_{i>j} m_ij²`` as the squares of ``m`` times a 0/1 mask: right wherever the upper
-    triangle is finite (0 · inf and 0 · NaN are NaN). Cost: O(K²)."""
+def _masked_sq_sum(m: Array, row_scale: Array | float = 1.0) -> Array:
+    """``Σ_{i>j} (rᵢ m_ij)²`` as the squares of ``m`` times the matrix [i > j]·rᵢ: right wherever
+    the upper triangle is finite (0 · inf and 0 · NaN are NaN). Cost: O(K²).
+
+    The row scale goes into that K × K matrix (… × K × K for a scale per batch element), not
+    into a broadcast of r over ``m``'s shape: in a gradient XLA merges such a broadcast with the
+    derivative's and writes it out whole for the reduction (6.5 MB at K = 128, B = 100)."""
     k = m.shape[-1]
     rows = lax.broadcasted_iota(jnp.int32, (k, k), 0)
     cols = lax.broadcasted_iota(jnp.int32, (k, k), 1)
-    return jnp.sum(jnp.square(m * (rows > cols).astype(m.dtype)), axis=(-2, -1))
+    weight = (rows > cols).astype(m.dtype) * _per_row(row_scale)
+    return jnp.sum(jnp.square(m * weight), axis=(-2, -1))
 
 
-def _tril_sq_sum(m: Array) -> Array:
-    return jnp.sum(jnp.square(jnp.tril(m, -1)), axis=(-2, -1))
+def _per_row(row_scale: Array | float) -> Array | float:
+    """``rᵢ`` (… × K, or a number) broadcast against the rows of a … × K × K array."""
+    return row_scale if jnp.ndim(row_scale) == 0 else row_scale[..., :, None]
+
+
+def _tril_sq_sum(m: Array, row_scale: Array | float = 1.0) -> Array:
+    return jnp.sum(jnp.square(jnp.tril(m, -1) * _per_row(row_scale)), axis=(-2, -1))
 
 
 # Up to this K ``strict_lower_sq_sum`` is a masked product, above it a sum by row blocks.
@@ -154,23 +164,33 @@ _MASKED_MAX_K = 128
 _ROW_BLOCKS = 16
 
 
-def _row_block_sq_sum(m: Array) -> Array:
-    """``Σ_{i>j} m_ij²`` by ``_ROW_BLOCKS`` blocks of rows: the part of a block left of its
+def _row_block_sq_sum(m: Array, row_scale: Array | float = 1.0) -> Array:
+    """``Σ_{i>j} (rᵢ m_ij)²`` by ``_ROW_BLOCKS`` blocks of rows: the part of a block left of its
     diagonal block is summed whole, and only the diagonal block goes through ``jnp.tril``, so
     only the lower triangle is read and the upper one never reaches the sum. Cost: O(K²)."""
     k = m.shape[-1]
     rows = -(-k // _ROW_BLOCKS)
-    total = _tril_sq_sum(m[..., :rows, :rows])
+
+    def scale(lo: int, hi: int) -> Array | float:
+        return row_scale if jnp.ndim(row_scale) == 0 else row_scale[..., lo:hi]
+
+    total = _tril_sq_sum(m[..., :rows, :rows], scale(0, rows))
     for lo in range(rows, k, rows):
         hi = min(lo + rows, k)
-        total = total + jnp.sum(jnp.square(m[..., lo:hi, :lo]), axis=(-2, -1))
-        total = total + _tril_sq_sum(m[..., lo:hi, lo:hi])
+        block = m[..., lo:hi, :lo] * _per_row(scale(lo, hi))
+        total = total + jnp.sum(jnp.square(block), axis=(-2, -1))
+        total = total + _tril_sq_sum(m[..., lo:hi, lo:hi], scale(lo, hi))
     return total
 
 
-@jax.custom_jvp
-def strict_lower_sq_sum(m: Array) -> Array:
-    """``Σ_{i>j} m_ij²`` over the last two axes, whatever the upper triangle holds. Cost: O(K²).
+def strict_lower_sq_sum(m: Array, row_scale: Array | None = None) -> Array:
+    """``Σ_{i>j} (rᵢ m_ij)²`` over the last two axes (rᵢ = 1 without ``row_scale``, which is
+    … × K; batch shapes broadcast), whatever the upper triangle holds. Cost: O(K²).
+
+    A row scale, not a scaled copy of ``m``: for a full p against a diagonal q the rule sums
+    the squares of Lp,ᵢⱼ/σq,ᵢ, and a scaled copy passed here was written out whole (it is the
+    operand of the fallback below) and read again, an extra pass over p's factor (full against
+    N(0, I), K = 128, B = 100: docs/performance.md).
 
     ``jnp.tril`` lowers to a select, which XLA's CPU loops do not vectorize; instead
     (``benchmarks/triangle_sums.py``, float32, against ``jnp.tril``, the table in
@@ -180,26 +200,46 @@ def strict_lower_sq_sum(m: Array) -> Array:
       K = 8, 3.4× at K = 32, 2.2× at K = 128 with B = 100 (full against N(0, I) in
       ``benchmarks/kl_speed.py``: 0.96 → 0.50 ms forward). The product lets 0 · inf or 0 · NaN
       from the upper triangle into the sum, so where the sum of some batch element is not
-      finite it is recomputed with ``jnp.tril``: a ``lax.cond`` on one boolean for the whole
-      batch (the second pass runs only then, or always under a ``vmap`` that batches ``m``; a
-      batch sharded across devices all-reduces that boolean);
+      finite it is recomputed by row blocks (below), which read only the lower triangle: a
+      ``lax.cond`` on one boolean for the whole batch (the second pass runs only then, or always
+      under a ``vmap`` that batches ``m``; a batch sharded across devices all-reduces that
+      boolean). XLA reserves the branch's temporaries on every call, and ``jnp.tril`` there
+      was a select written out whole: the row blocks halve them (full against a diagonal q,
+      K = 128, B = 100: temporaries 6.6 → 3.5 MB, ``memory_analysis`` of the compiled call);
     - above, where the masked product loses its lead (K = 256: 1.05×; K = 2048, B = 1: 1.08×),
       by row blocks (``_row_block_sq_sum``): 1.15× at K = 256, 4.3× at K = 512 with B = 32,
       1.7× at K = 2048.
 
-    The derivative, 2 Σ_{i>j} m_ij dm_ij, is one pass through ``jnp.tril`` (a ``lax.cond`` there
-    as well made the gradient slower: full against N(0, I), K = 128, 0.78 → 1.3 ms).
+    The derivative, 2 Σ_{i>j} rᵢ m_ij (rᵢ dm_ij + m_ij drᵢ), is one pass through ``jnp.tril``
+    (a ``lax.cond`` there as well made the gradient slower: full against N(0, I), K = 128,
+    0.78 → 1.3 ms); a row scale with a zero tangent (a prior with fixed parameters) adds nothing.
     """
+    return _scaled_strict_lower_sq_sum(m, 1.0 if row_scale is None else row_scale)
+
+
+@jax.custom_jvp
+def _scaled_strict_lower_sq_sum(m: Array, row_scale: Array | float) -> Array:
     if m.shape[-1] > _MASKED_MAX_K:
-        return _row_block_sq_sum(m)
-    fast = _masked_sq_sum(m)
-    return lax.cond(jnp.all(jnp.isfinite(fast)), lambda m: fast, _tril_sq_sum, m)
+        return _row_block_sq_sum(m, row_scale)
+    fast = _masked_sq_sum(m, row_scale)
+    return lax.cond(
+        jnp.all(jnp.isfinite(fast)), lambda *_: fast, _row_block_sq_sum, m, jnp.asarray(row_scale)
+    )
 
 
-@strict_lower_sq_sum.defjvp
-def _strict_lower_sq_sum_jvp(primals: tuple[Array], tangents: tuple[Array]) -> tuple[Array, Array]:
-    (m,), (dm,) = primals, tangents
-    return strict_lower_sq_sum(m), 2.0 * jnp.sum(jnp.tril(m, -1) * dm, axis=(-2, -1))
+@partial(_scaled_strict_lower_sq_sum.defjvp, symbolic_zeros=True)
+def _scaled_strict_lower_sq_sum_jvp(
+    primals: tuple[Array, Array | float], tangents: tuple[Array | SymbolicZero, ...]
+) -> tuple[Array, Array]:
+    (m, row_scale), (dm, d_scale) = primals, tangents
+    value = _scaled_strict_lower_sq_sum(m, row_scale)
+    scaled = 2.0 * jnp.tril(m, -1) * _per_row(row_scale)
+    tangent = jnp.zeros_like(value)
+    if not isinstance(dm, SymbolicZero):
+        tangent = tangent + jnp.sum(scaled * _per_row(row_scale) * dm, axis=(-2, -1))
+    if not isinstance(d_scale, SymbolicZero):
+        tangent = tangent + jnp.sum(scaled * m * _per_row(d_scale), axis=(-2, -1))
+    return value, tangent
 
 
 # Blocks of at most this size are multiplied densely by ``sq_sum_of_product``

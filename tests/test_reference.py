@@ -229,6 +229,42 @@ def test_full_pair_by_inverse(k, q_batch):
         assert_close(kl[i], expected, rtol=RTOL, what=f"element {i}")
 
 
+@pytest.mark.parametrize(
+    ("k", "q_batch"), [(40, ()), (40, (3,)), (136, ()), (136, (3,))], ids=lambda v: str(v)
+)
+def test_full_against_diagonal_with_gradients(k, q_batch):
+    """A full p against a diagonal q with unequal scales, shared or one per element, on both
+    paths of the triangle's sum of squares (the rows of Lp scaled by 1/σq inside the sum: a
+    masked product at K = 40, blocks of rows at K = 136, whose last block is short). The value
+    against the dense KL; the gradients against their closed forms, dKL/dLp = tril(Σq⁻¹Lp −
+    Lp⁻ᵀ), dKL/dμp = Σq⁻¹δ, dKL/dσq = 1/σq − (diag Σp + δ²)/σq³ (summed over p's batch for a
+    shared q)."""
+    rng = rng_for("full-vs-diagonal", k, len(q_batch))
+    b = 3
+    lp = conditioned_tril(rng, k, (b,))
+    mp, mq = rng.normal(size=(b, k)), rng.normal(size=(*q_batch, k))
+    s = np.exp(rng.uniform(-0.7, 0.7, (*q_batch, k)))
+
+    def kl(m, tril, scale):
+        p = dist.MultivariateNormal(m, scale_tril=tril)
+        return kl_divergence(p, dist.Normal(mq, scale).to_event(1))
+
+    got = np.asarray(kl(mp, lp, s))
+    s_b, mq_b = np.broadcast_to(s, (b, k)), np.broadcast_to(mq, (b, k))
+    cov_p = lp @ np.swapaxes(lp, -1, -2)
+    for i in range(b):
+        want = dense_kl(mp[i], cov_p[i], mq_b[i], np.diag(s_b[i] ** 2))
+        assert_close(got[i], want, rtol=RTOL, what=f"element {i}")
+    g_m, g_l, g_s = jax.grad(lambda *a: jnp.sum(kl(*a)), (0, 1, 2))(mp, lp, s)
+    delta = mp - mq_b
+    want_l = np.tril(lp / s_b[:, :, None] ** 2 - np.swapaxes(np.linalg.inv(lp), -1, -2))
+    want_s = 1.0 / s_b - (np.diagonal(cov_p, axis1=-2, axis2=-1) + delta**2) / s_b**3
+    assert_close(g_l, want_l, rtol=1e-9, atol=1e-12, what="dKL/dLp")
+    assert_close(g_m, delta / s_b**2, rtol=1e-9, atol=1e-12, what="dKL/dμp")
+    want_s = want_s if q_batch else want_s.sum(0)
+    assert_close(g_s, want_s, rtol=1e-9, atol=1e-12, what="dKL/dσq")
+
+
 @pytest.mark.parametrize("k", [1, 7, 8, 9, 40, 136])
 @pytest.mark.parametrize("batch", [(), (2, 3)], ids=str)
 def test_tril_inverse_matches_numpy(k, batch):
