@@ -108,8 +108,11 @@ class Cell:
     """One benchmark configuration.
 
     ``p_kind`` is ``full``, ``diag`` or ``lowrank``; ``q_kind`` is ``full``, ``std`` (the
-    standard normal prior ``Normal(0, 1).expand([K]).to_event(1)``, always shared) or ``stdvec``
-    (the same prior as ``Normal(zeros(K), ones(K)).to_event(1)``; it differs for ours only).
+    standard normal prior ``Normal(0, 1).expand([K]).to_event(1)``, always shared), ``stdvec``
+    (the same prior as ``Normal(zeros(K), ones(K)).to_event(1)``; it differs for ours only) or
+    ``diag`` (a diagonal q whose location and scales are arguments of the call, as a learned
+    prior's are, or one whose scale is another latent: unlike the two fixed priors, whose
+    constants XLA folds into the program).
     """
 
     p_kind: str
@@ -165,10 +168,12 @@ def make_inputs(cell: Cell, dtype: str, seed: int = 0) -> Inputs:
     """Random parameters for ``cell`` in ``dtype``."""
     rng = np.random.default_rng(seed + cell.k)
     p = _p_params(rng, cell.p_kind, cell.batch, cell.k, cell.rank)
+    qb = () if cell.q_shared else (cell.batch,)
     if cell.q_kind in ("std", "stdvec"):
         q: tuple = ()
+    elif cell.q_kind == "diag":
+        q = (rng.standard_normal((*qb, cell.k)), np.exp(0.3 * rng.standard_normal((*qb, cell.k))))
     else:
-        qb = () if cell.q_shared else (cell.batch,)
         q = (rng.standard_normal((*qb, cell.k)), _random_tril(rng, qb, cell.k))
     return Inputs(tuple(x.astype(dtype) for x in p), tuple(x.astype(dtype) for x in q))
 
@@ -202,7 +207,8 @@ def cell_flops(cell: Cell) -> float:
       product, 2K³, would be 2T);
     - diag vs full, q shared: T + B·(2K² + 4K): Lq⁻¹ and its column norms once, then Lq⁻¹δ and
       the weighted sum per guide;
-    - full vs N(0, I): B·(K² + 4K): the sum of squares of Lp's triangle, δᵀδ;
+    - full vs N(0, I) or a diagonal q: B·(K² + 4K): the sum of squares of Lp's triangle (its
+      rows scaled by 1/σq), δᵀΣq⁻¹δ;
     - lowrank (rank r) vs N(0, I): B·(K r² + r³/3 + 4K r): the Gram matrix WᵀW (symmetric),
       its Cholesky and the traces.
 
@@ -807,6 +813,7 @@ def build_cells(quick: bool, grad_q: bool = False) -> list[Cell]:
                 Cell("diag", "full", k, b, True, mode),
                 Cell("full", "std", k, b, True, mode),
                 Cell("full", "stdvec", k, b, True, mode),
+                Cell("full", "diag", k, b, True, mode),
                 Cell("lowrank", "std", k, b, True, mode),
             ]
     return [c for c in cells if c.q_kind == "full"] if grad_q else cells
